@@ -1,0 +1,533 @@
+"""Raw text -> SentencePiece tokenizer + token shards.
+
+    python -m data.prepare --input my_texts/ --output data/mine --vocab-size 8000
+
+writes ``DIR/tokenizer.model``, ``DIR/train/train_00000.bin …``, ``DIR/val/val_00000.bin …``
+and ``DIR/meta.json`` (see ``data/format.py`` for the format). With no source given it
+prepares the built-in default corpus (the Python documentation every installation carries).
+
+Safety: everything is built in a hidden staging folder next to the output and moved into
+place only when complete, ``meta.json`` last; an interrupted or failed run leaves earlier
+output untouched. Re-running with the same inputs and options gives the same bytes, and
+is skipped when ``meta.json`` already records them (``--force`` rebuilds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import pathlib
+import secrets
+import shutil
+import sys
+import time
+from typing import Callable
+
+import numpy as np
+
+from . import tokenizer as tok
+from .format import (BOS_ID, DEFAULT_SHARD_SIZE, FORMAT_NAME, FORMAT_VERSION, DataError, dtype_for_vocab,
+                     dtype_name, load_meta, read_json, sha256_bytes, sha256_file, write_json_atomic)
+from .sources import PRESETS, BuiltinSource, HFSource, LocalSource, Mixture
+
+DEFAULT_VAL_FRACTION = 0.01
+BUILTIN_VAL_FRACTION = 0.05
+BUILTIN_VOCAB_SIZE = 4096
+DEFAULT_HF_MAX_TOKENS = 100_000_000
+CHUNK_CHARS = 1 << 20
+CHUNK_DOCS = 2048
+
+
+def data_home() -> pathlib.Path:
+    """Where cached preparations live: $NANOLLAMA_DATA_HOME or ~/.cache/nanollama-jax."""
+    return pathlib.Path(os.environ.get("NANOLLAMA_DATA_HOME") or "~/.cache/nanollama-jax").expanduser()
+
+
+def is_val_document(index: int, fraction: float) -> bool:
+    """Document ``index`` of the stream goes to validation: exactly ``fraction`` of them,
+    evenly spread, starting with document 0 (so any corpus of 2+ documents has a val split)."""
+    if fraction <= 0:
+        return False
+    return math.floor((index + 1) * fraction + 1 - fraction) > math.floor(index * fraction + 1 - fraction)
+
+
+# ---------------------------------------------------------------------------------------
+# Tokenisation workers
+
+_SP = None
+_BOS = BOS_ID
+
+
+def _init_worker(model: bytes) -> None:
+    global _SP, _BOS
+    _SP = tok.load(model)
+    _BOS = _SP.bos_id()
+
+
+def _encode_chunk(chunk: list[tuple[str, bool, int]]):
+    """Encode documents; returns train ids, val ids (BOS before each document) and per-doc stats."""
+    texts = [c[0] for c in chunk]
+    ids = _SP.encode(texts, num_threads=1)
+    n = len(ids)
+    lens = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=n)
+    is_val = np.fromiter((c[1] for c in chunk), dtype=bool, count=n)
+    src = np.fromiter((c[2] for c in chunk), dtype=np.int64, count=n)
+    nbytes = np.fromiter((len(t.encode("utf-8")) for t in texts), dtype=np.int64, count=n)
+    out = []
+    for want_val in (False, True):
+        sel = [x for x, v in zip(ids, is_val) if v == want_val]
+        total = sum(len(x) + 1 for x in sel)
+        arr = np.empty(total, dtype=np.uint32)
+        pos = 0
+        for x in sel:
+            arr[pos] = _BOS
+            arr[pos + 1: pos + 1 + len(x)] = x
+            pos += len(x) + 1
+        out.append(arr)
+    return out[0], out[1], lens, is_val, src, nbytes
+
+
+# ---------------------------------------------------------------------------------------
+# Shard writing
+
+class ShardWriter:
+    """Appends tokens to ``folder/{prefix}_00000.bin`` …, ``shard_size`` tokens each. A shard
+    is written under a ``.partial`` name and renamed when full (or at close)."""
+
+    def __init__(self, root: pathlib.Path, split: str, dtype: np.dtype, shard_size: int, vocab_size: int):
+        self.root, self.split, self.dtype = root, split, np.dtype(dtype)
+        self.shard_size, self.vocab_size = shard_size, vocab_size
+        (root / split).mkdir(parents=True, exist_ok=True)
+        self.shards: list[dict] = []
+        self._f = None
+        self._n = 0
+
+    def _path(self, index: int) -> pathlib.Path:
+        return self.root / self.split / f"{self.split}_{index:05d}.bin"
+
+    def write(self, tokens: np.ndarray) -> None:
+        if len(tokens) and int(tokens.max()) >= self.vocab_size:
+            raise DataError(f"{self.root}: token id {int(tokens.max())} >= vocab size {self.vocab_size}")
+        tokens = tokens.astype(self.dtype, copy=False)
+        while len(tokens):
+            if self._f is None:
+                self._f = open(str(self._path(len(self.shards))) + ".partial", "wb")
+                self._n = 0
+            take = min(self.shard_size - self._n, len(tokens))
+            self._f.write(tokens[:take].tobytes())
+            self._n += take
+            tokens = tokens[take:]
+            if self._n == self.shard_size:
+                self._finish()
+
+    def _finish(self) -> None:
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        path = self._path(len(self.shards))
+        os.replace(str(path) + ".partial", path)
+        self.shards.append({"file": f"{self.split}/{path.name}", "tokens": self._n})
+        self._f = None
+        self._n = 0
+
+    def close(self) -> list[dict]:
+        if self._f is not None:
+            self._finish()
+        return self.shards
+
+
+# ---------------------------------------------------------------------------------------
+# The build
+
+def _source_from(inputs=None, hf=None, preset=None, text_field="text"):
+    given = sum(x is not None and x != [] for x in (inputs, hf, preset))
+    if given > 1:
+        raise DataError("give only one of --input, --hf, --preset")
+    if inputs:
+        return Mixture([LocalSource(list(inputs), text_field=text_field)], [1.0])
+    if hf:
+        return Mixture([HFSource.parse(hf)], [1.0])
+    if preset:
+        if preset not in PRESETS:
+            raise DataError(f"--preset {preset}: unknown (choose from {', '.join(sorted(PRESETS))})")
+        spec = PRESETS[preset]["sources"]
+        return Mixture([HFSource.parse(n) for n in spec], list(spec.values()))
+    return Mixture([BuiltinSource()], [1.0])
+
+
+def _fingerprint(mix: Mixture, options: dict) -> tuple[str, list[dict]]:
+    described = [dict(s.describe(), ratio=r) for s, r in zip(mix.sources, mix.ratios)]
+    blob = json.dumps({"sources": described, "options": options, "format_version": FORMAT_VERSION},
+                      sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest(), described
+
+
+def _chunks(mix: Mixture, val_fraction: float):
+    chunk, chars = [], 0
+    for index, (doc, src) in enumerate(mix.documents_tagged()):
+        chunk.append((doc, is_val_document(index, val_fraction), src))
+        chars += len(doc)
+        if chars >= CHUNK_CHARS or len(chunk) >= CHUNK_DOCS:
+            yield chunk
+            chunk, chars = [], 0
+    if chunk:
+        yield chunk
+
+
+def _ordered_map(fn, items, workers: int, model: bytes):
+    """map(fn, items) in order, over ``workers`` processes, with a bounded number in flight."""
+    if workers <= 1:
+        _init_worker(model)
+        for item in items:
+            yield fn(item)
+        return
+    # fork is fastest, but unsafe once JAX's threads exist in this process.
+    method = "spawn" if "jax" in sys.modules else "fork"
+    ctx = multiprocessing.get_context(method)
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(model,)) as pool:
+        pending = collections.deque()
+        for item in items:
+            pending.append(pool.apply_async(fn, (item,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+class _Progress:
+    def __init__(self, total, unit, desc, enabled):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, unit=unit, unit_scale=True, desc=desc, dynamic_ncols=True,
+                            file=sys.stderr, disable=None)
+
+    def update(self, n):
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _build(staging: pathlib.Path, mix: Mixture, *, vocab_size, tokenizer_file, val_fraction, shard_size,
+           workers, max_tokens, force_dtype, progress, log, fingerprint, described, tokenizer_chars) -> dict:
+    staging.mkdir(parents=True)
+    names = ", ".join(s.name for s in mix.sources)
+
+    # 1. Tokenizer: reuse or train on the training documents.
+    if tokenizer_file is not None:
+        tokenizer_file = pathlib.Path(tokenizer_file).expanduser()
+        try:
+            model = tokenizer_file.read_bytes()
+        except OSError as e:
+            raise DataError(f"{tokenizer_file}: cannot read tokenizer ({e.strerror or e})") from None
+        try:
+            sp = tok.load(model)
+        except Exception:
+            raise DataError(f"{tokenizer_file}: not a SentencePiece model") from None
+        trained = False
+        log(f"Using tokenizer {tokenizer_file} ({sp.get_piece_size():,} pieces)")
+    else:
+        log(f"Training a {vocab_size:,}-piece BPE tokenizer on {names} …")
+        t0 = time.time()
+
+        def train_docs():
+            for i, (doc, _) in enumerate(mix.documents_tagged()):
+                if not is_val_document(i, val_fraction):
+                    yield doc
+        model = tok.train(train_docs(), vocab_size, threads=workers, max_chars=tokenizer_chars)
+        sp = tok.load(model)
+        trained = True
+        log(f"  tokenizer trained in {time.time() - t0:.1f}s")
+    vocab = sp.get_piece_size()
+    bos, eos = sp.bos_id(), sp.eos_id()
+    if bos < 0:
+        raise DataError(f"{tokenizer_file}: tokenizer has no BOS piece; documents need one")
+    (staging / "tokenizer.model").write_bytes(model)
+    dtype = np.dtype(force_dtype) if force_dtype is not None else dtype_for_vocab(vocab)
+    if dtype.itemsize == 2 and vocab > 65536:
+        raise DataError(f"vocab {vocab} does not fit uint16 shards")
+
+    # 2. Tokenise in parallel, in document order, into train/ and val/ shards.
+    writers = {s: ShardWriter(staging, s, dtype, shard_size, vocab) for s in ("train", "val")}
+    nsrc = len(mix.sources)
+    stats = {s: {"tokens": np.zeros(nsrc, np.int64), "documents": np.zeros(nsrc, np.int64),
+                 "bytes": np.zeros(nsrc, np.int64)} for s in ("train", "val")}
+    totals = [s.total_bytes() for s in mix.sources]
+    if max_tokens:
+        bar = _Progress(max_tokens, "tok", "tokenizing", progress)
+    else:
+        bar = _Progress(sum(totals) if None not in totals else None, "B", "tokenizing", progress)
+    log(f"Tokenizing with {workers} process{'es' if workers > 1 else ''} "
+        f"({dtype_name(dtype)} shards of {shard_size:,} tokens) …")
+    t0 = time.time()
+    done = 0
+    try:
+        for train_ids, val_ids, lens, is_val, src, nbytes in _ordered_map(
+                _encode_chunk, _chunks(mix, val_fraction), workers, model):
+            stop = False
+            if max_tokens and done + int(lens.sum()) >= max_tokens:
+                keep = int(np.searchsorted(np.cumsum(lens), max_tokens - done)) + 1
+                train_ids = train_ids[: int(lens[:keep][~is_val[:keep]].sum())]
+                val_ids = val_ids[: int(lens[:keep][is_val[:keep]].sum())]
+                lens, is_val, src, nbytes = lens[:keep], is_val[:keep], src[:keep], nbytes[:keep]
+                stop = True
+            writers["train"].write(train_ids)
+            writers["val"].write(val_ids)
+            for split, mask in (("train", ~is_val), ("val", is_val)):
+                np.add.at(stats[split]["tokens"], src[mask], lens[mask])
+                np.add.at(stats[split]["documents"], src[mask], 1)
+                np.add.at(stats[split]["bytes"], src[mask], nbytes[mask])
+            done += int(lens.sum())
+            bar.update(int(lens.sum()) if max_tokens else int(nbytes.sum()))
+            if stop:
+                break
+    finally:
+        bar.close()
+    shards = {s: w.close() for s, w in writers.items()}
+    elapsed = time.time() - t0
+
+    train_docs_n = int(stats["train"]["documents"].sum())
+    val_docs_n = int(stats["val"]["documents"].sum())
+    if train_docs_n + val_docs_n == 0:
+        raise DataError(f"{names}: empty corpus (no non-blank documents found)")
+    if train_docs_n == 0:
+        raise DataError(f"{names}: only {val_docs_n} document(s), all held out for validation; "
+                        "add text or lower --val-fraction")
+    if val_fraction > 0 and val_docs_n == 0:  # pragma: no cover - document 0 is always val
+        raise DataError(f"{names}: no validation documents")
+
+    split_meta = {}
+    for s in ("train", "val"):
+        split_meta[s] = {"tokens": int(stats[s]["tokens"].sum()), "documents": int(stats[s]["documents"].sum()),
+                         "bytes": int(stats[s]["bytes"].sum()), "shards": shards[s]}
+    all_tokens = stats["train"]["tokens"] + stats["val"]["tokens"]
+    sources = []
+    for i, d in enumerate(described):
+        sources.append(dict(d, train_tokens=int(stats["train"]["tokens"][i]),
+                            val_tokens=int(stats["val"]["tokens"][i]),
+                            train_documents=int(stats["train"]["documents"][i]),
+                            val_documents=int(stats["val"]["documents"][i]),
+                            token_share=float(all_tokens[i] / max(1, all_tokens.sum()))))
+    meta = {
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "created_by": "data.prepare",
+        "dtype": dtype_name(dtype), "vocab_size": vocab, "bos_id": bos, "eos_id": eos,
+        "unk_id": sp.unk_id(), "pad_id": sp.pad_id(), "bos_per_document": True,
+        "tokenizer": "tokenizer.model", "tokenizer_sha256": sha256_bytes(model),
+        "tokenizer_trained": trained,
+        "tokenizer_options": dict(tok.TOKENIZER_OPTIONS, vocab_size=vocab_size) if trained else None,
+        "shard_size": shard_size, "val_fraction": val_fraction, "max_tokens": max_tokens,
+        "train": split_meta["train"], "val": split_meta["val"],
+        "sources": sources, "inputs_fingerprint": fingerprint,
+    }
+    write_json_atomic(staging / "meta.json", meta)
+    rate = done / max(elapsed, 1e-9)
+    log(f"  {done:,} tokens in {elapsed:.1f}s ({rate:,.0f} tokens/s)")
+    return meta
+
+
+def _publish(staging: pathlib.Path, output: pathlib.Path) -> None:
+    """Move a complete staging folder into place. meta.json goes away first and comes back
+    last, so at no moment does the output look complete with mixed old and new files."""
+    if not output.exists():
+        os.rename(staging, output)
+        return
+    if not output.is_dir():
+        raise DataError(f"{output}: exists and is not a folder")
+    trash = staging / ".previous"
+    trash.mkdir()
+    if (output / "meta.json").exists():
+        os.replace(output / "meta.json", trash / "meta.json")
+    for name in ("train", "val", "tokenizer.model"):
+        if (output / name).exists() or (output / name).is_symlink():
+            os.replace(output / name, trash / name)
+        os.replace(staging / name, output / name)
+    os.replace(staging / "meta.json", output / "meta.json")
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _is_current(output: pathlib.Path, fingerprint: str) -> bool:
+    if not (output / "meta.json").is_file():
+        return False
+    try:
+        meta = load_meta(output)
+    except DataError:
+        return False
+    return meta["raw"].get("inputs_fingerprint") == fingerprint
+
+
+def default_workers() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def prepare(output, *, inputs=None, hf=None, preset=None, text_field="text", vocab_size=None,
+            tokenizer_file=None, val_fraction=DEFAULT_VAL_FRACTION, shard_size=DEFAULT_SHARD_SIZE,
+            workers=None, max_tokens=None, force=False, progress=True, force_dtype=None,
+            tokenizer_chars=tok.DEFAULT_TOKENIZER_CHARS, log: Callable[[str], None] = print) -> pathlib.Path:
+    """Prepare a data folder (see module docstring); returns its path. Raises DataError."""
+    output = pathlib.Path(output).expanduser()
+    mix = _source_from(inputs, hf, preset, text_field)
+    if vocab_size is None:
+        vocab_size = PRESETS[preset]["vocab_size"] if preset else (
+            BUILTIN_VOCAB_SIZE if isinstance(mix.sources[0], BuiltinSource) else tok.DEFAULT_VOCAB_SIZE)
+    if not 0 <= val_fraction < 0.5:
+        raise DataError(f"--val-fraction must be in [0, 0.5), got {val_fraction}")
+    if shard_size < 1:
+        raise DataError(f"--shard-size must be positive, got {shard_size}")
+    if max_tokens is None and any(isinstance(s, HFSource) for s in mix.sources):
+        max_tokens = DEFAULT_HF_MAX_TOKENS
+        log(f"Streaming from Hugging Face: stopping at {max_tokens:,} tokens (--max-tokens to change)")
+    workers = workers or default_workers()
+    tok_sha = sha256_file(tokenizer_file) if tokenizer_file and pathlib.Path(tokenizer_file).is_file() else None
+    options = {"vocab_size": None if tokenizer_file else vocab_size, "tokenizer_sha256": tok_sha,
+               "val_fraction": val_fraction, "shard_size": shard_size, "max_tokens": max_tokens,
+               "force_dtype": None if force_dtype is None else dtype_name(np.dtype(force_dtype)),
+               "tokenizer_options": tok.TOKENIZER_OPTIONS, "tokenizer_chars": tokenizer_chars}
+    fingerprint, described = _fingerprint(mix, options)
+    if not force and _is_current(output, fingerprint):
+        log(f"{output}: already prepared from these inputs (meta.json matches); nothing to do")
+        return output
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = output.parent / f".{output.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        meta = _build(staging, mix, vocab_size=vocab_size, tokenizer_file=tokenizer_file,
+                      val_fraction=val_fraction, shard_size=shard_size, workers=workers,
+                      max_tokens=max_tokens, force_dtype=force_dtype, progress=progress, log=log,
+                      fingerprint=fingerprint, described=described, tokenizer_chars=tokenizer_chars)
+        _publish(staging, output)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    log(f"Done: {meta['train']['tokens']:,} training tokens ({meta['train']['documents']:,} documents, "
+        f"{len(meta['train']['shards'])} shard{'s' if len(meta['train']['shards']) != 1 else ''}), "
+        f"{meta['val']['tokens']:,} validation tokens ({meta['val']['documents']:,} documents), "
+        f"vocab {meta['vocab_size']:,} ({meta['dtype']}) -> {output}")
+    return output
+
+
+def ensure_builtin(vocab_size: int = BUILTIN_VOCAB_SIZE, *, home=None, workers: int = 1,
+                   progress: bool = False, log: Callable[[str], None] | None = None) -> pathlib.Path:
+    """Prepare the built-in default corpus once (cached) and return its folder,
+    ``$NANOLLAMA_DATA_HOME/builtin-v{vocab_size}``. Idempotent and safe when several
+    processes call it at once (each builds in a private temp folder; the first rename wins)."""
+    log = log or (lambda msg: print(f"[data] {msg}", file=sys.stderr))
+    home = pathlib.Path(home).expanduser() if home else data_home()
+    final = home / f"builtin-v{vocab_size}"
+    mix = _source_from()
+    options = {"vocab_size": vocab_size, "tokenizer_sha256": None, "val_fraction": BUILTIN_VAL_FRACTION,
+               "shard_size": DEFAULT_SHARD_SIZE, "max_tokens": None, "force_dtype": None,
+               "tokenizer_options": tok.TOKENIZER_OPTIONS, "tokenizer_chars": tok.DEFAULT_TOKENIZER_CHARS}
+    fingerprint, described = _fingerprint(mix, options)
+    if _is_current(final, fingerprint):
+        return final
+    home.mkdir(parents=True, exist_ok=True)
+    log(f"Preparing the built-in corpus (Python's own documentation) into {final} …")
+    staging = home / f".builtin-v{vocab_size}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        _build(staging, mix, vocab_size=vocab_size, tokenizer_file=None, val_fraction=BUILTIN_VAL_FRACTION,
+               shard_size=DEFAULT_SHARD_SIZE, workers=workers, max_tokens=None, force_dtype=None,
+               progress=progress, log=log, fingerprint=fingerprint, described=described,
+               tokenizer_chars=tok.DEFAULT_TOKENIZER_CHARS)
+        try:
+            os.rename(staging, final)
+        except OSError:
+            if _is_current(final, fingerprint):  # another process finished first
+                return final
+            stale = home / f".builtin-v{vocab_size}.stale-{os.getpid()}-{secrets.token_hex(4)}"
+            os.rename(final, stale)
+            os.rename(staging, final)
+            shutil.rmtree(stale, ignore_errors=True)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+# ---------------------------------------------------------------------------------------
+# CLI
+
+EXAMPLES = """\
+examples:
+  # the built-in corpus (Python's own docs; no download), 4096-piece tokenizer
+  python -m data.prepare --output data/builtin
+  # your own text: .txt (documents separated by blank-line triples), .jsonl, .parquet, folders
+  python -m data.prepare --input books/ notes.jsonl --output data/mine --vocab-size 8000
+  # reuse a tokenizer (e.g. to add a corpus for a mixture)
+  python -m data.prepare --input more/ --output data/more --tokenizer data/mine/tokenizer.model
+  # the reference's corpora, streamed from Hugging Face (pip install datasets)
+  python -m data.prepare --hf fineweb --output data/fineweb --max-tokens 2600M
+  python -m data.prepare --preset goldie --output data/goldie --max-tokens 10B
+"""
+
+
+def _parse_count(text: str) -> int:
+    s = text.strip().upper().replace("_", "").replace(",", "")
+    mult = {"K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
+    try:
+        if s and s[-1] in mult:
+            return int(float(s[:-1]) * mult[s[-1]])
+        return int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a count: {text!r} (e.g. 500000, 100M, 2.6B)") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    preset_help = "; ".join(f"{k}: {v['about']}" for k, v in PRESETS.items() if k not in ("medium", "large"))
+    p = argparse.ArgumentParser(
+        prog="python -m data.prepare", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Turn raw text into a SentencePiece tokenizer and token shards "
+                    "(DIR/tokenizer.model, DIR/train/, DIR/val/, DIR/meta.json).",
+        epilog=EXAMPLES)
+    p.add_argument("--input", nargs="+", metavar="PATH", help="text files or folders (.txt .md .jsonl .parquet, .gz ok)")
+    p.add_argument("--output", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help=f"tokenizer size (default {tok.DEFAULT_VOCAB_SIZE}, {BUILTIN_VOCAB_SIZE} for the "
+                        "built-in corpus, the preset's for presets); above 65536 shards are uint32")
+    p.add_argument("--tokenizer", metavar="FILE", help="reuse this SentencePiece .model instead of training one")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", metavar="NAME", help=f"named multi-corpus recipe ({preset_help}; "
+                     "aliases: medium=multilingual64k, large=multilingual96k)")
+    src.add_argument("--hf", metavar="NAME", help="a Hugging Face dataset, streamed: fineweb, dclm, stack, "
+                     "megamath, fineweb2-rus …, or owner/name[:config[:split[:text_field]]]")
+    p.add_argument("--text-field", default="text", help="JSONL key / parquet column with the text (default text)")
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help=f"share of documents held out for validation (default {DEFAULT_VAL_FRACTION}, "
+                        f"{BUILTIN_VAL_FRACTION} for the built-in corpus)")
+    p.add_argument("--shard-size", type=_parse_count, default=DEFAULT_SHARD_SIZE, help="tokens per shard (default 10M)")
+    p.add_argument("--max-tokens", type=_parse_count, default=None,
+                   help=f"stop after this many tokens (default: all; {DEFAULT_HF_MAX_TOKENS // 10**6}M when streaming)")
+    p.add_argument("--workers", type=int, default=None, help=f"tokenizer processes (default {default_workers()})")
+    p.add_argument("--force", action="store_true", help="rebuild even if meta.json says it is up to date")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    builtin = not (args.input or args.hf or args.preset)
+    val_fraction = args.val_fraction
+    if val_fraction is None:
+        val_fraction = BUILTIN_VAL_FRACTION if builtin else DEFAULT_VAL_FRACTION
+    try:
+        prepare(args.output, inputs=args.input, hf=args.hf, preset=args.preset, text_field=args.text_field,
+                vocab_size=args.vocab_size, tokenizer_file=args.tokenizer, val_fraction=val_fraction,
+                shard_size=args.shard_size, workers=args.workers, max_tokens=args.max_tokens,
+                force=args.force, progress=not args.quiet)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"interrupted; {args.output} left as it was", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
