@@ -1,0 +1,211 @@
+"""Llama 3 in Flax linen: RMSNorm, half-split RoPE, GQA attention, SwiGLU, untied head.
+
+Layers are stacked along a leading `layers` axis and run with `nn.scan`, so compile time does not
+grow with depth. Every parameter names its logical axes next to its shape; `sharding.py` maps them
+to the device mesh. The param pytree (kernels are [in, out], torch's transpose):
+
+    tok_embeddings/embedding          [vocab, embed]
+    layers/attn_norm/scale            [layers, embed]
+    layers/attn/c_q/kernel            [layers, embed, heads]      heads = n_head·head_dim
+    layers/attn/c_k|c_v/kernel        [layers, embed, kv_heads]   kv_heads = n_kv_head·head_dim
+    layers/attn/c_proj/kernel         [layers, heads, embed]
+    layers/ffn_norm/scale             [layers, embed]
+    layers/ffn/gate_proj|up_proj/kernel [layers, embed, mlp]
+    layers/ffn/down_proj/kernel       [layers, mlp, embed]
+    norm/scale                        [embed]
+    output/kernel                     [embed, vocab]
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from .config import LlamaConfig
+
+Params = dict[str, Any]
+
+REMAT = {
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def uniform_fan_in(d: int):
+    """nanollama's init for q, k, v, gate and up: U(±sqrt(3/d)), unit variance outputs."""
+    bound = math.sqrt(3.0 / d)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def rms_norm(x: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    return x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Half-split rotary embedding (dimension i pairs with i + hd/2), tables in float32.
+    x: [B, T, N, hd]; positions: [B, T]."""
+    hd = x.shape[-1]
+    inv_freq = theta ** (-jnp.arange(0, hd, 2, dtype=jnp.float32) / hd)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, hd/2]
+    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                           (x.shape[-1],), jnp.float32)
+        return (rms_norm(x, self.eps) * scale).astype(self.dtype)
+
+
+def dense(features: int, axes: tuple[str, str], init, dtype, name: str) -> nn.Dense:
+    return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
+                    kernel_init=nn.with_logical_partitioning(init, axes), name=name)
+
+
+class Attention(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, positions, cache, cache_start):
+        c = self.config
+        dt = jnp.dtype(c.dtype)
+        init = uniform_fan_in(c.n_embd)
+        b, t, _ = x.shape
+        q = dense(c.n_head * c.head_dim, ("embed", "heads"), init, dt, "c_q")(x)
+        k = dense(c.n_kv_head * c.head_dim, ("embed", "kv_heads"), init, dt, "c_k")(x)
+        v = dense(c.n_kv_head * c.head_dim, ("embed", "kv_heads"), init, dt, "c_v")(x)
+        q = rope(q.reshape(b, t, c.n_head, c.head_dim), positions, c.rope_theta)
+        k = rope(k.reshape(b, t, c.n_kv_head, c.head_dim), positions, c.rope_theta)
+        v = v.reshape(b, t, c.n_kv_head, c.head_dim)
+        if c.use_qk_norm:
+            q, k = rms_norm(q, c.norm_eps).astype(dt), rms_norm(k, c.norm_eps).astype(dt)
+        if cache is None:
+            out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        else:
+            # Write this chunk at cache_start, then attend over the whole cache with a causal mask
+            # offset by cache_start; slots past the current position are masked out.
+            k_cache, v_cache = cache
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, cache_start, 0, 0))
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, cache_start, 0, 0))
+            key_pos = jnp.arange(k_cache.shape[1])
+            mask = key_pos[None, :] <= (cache_start + jnp.arange(t))[:, None]  # [T, S]
+            out = jax.nn.dot_product_attention(q, k_cache.astype(dt), v_cache.astype(dt), mask=mask[None, None])
+            cache = (k_cache, v_cache)
+        out = out.reshape(b, t, c.n_head * c.head_dim)
+        return dense(c.n_embd, ("heads", "embed"), nn.initializers.zeros, dt, "c_proj")(out), cache
+
+
+class FeedForward(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        dt = jnp.dtype(c.dtype)
+        init = uniform_fan_in(c.n_embd)
+        gate = dense(c.ffn_hidden, ("embed", "mlp"), init, dt, "gate_proj")(x)
+        up = dense(c.ffn_hidden, ("embed", "mlp"), init, dt, "up_proj")(x)
+        return dense(c.n_embd, ("mlp", "embed"), nn.initializers.zeros, dt, "down_proj")(nn.silu(gate) * up)
+
+
+class Block(nn.Module):
+    """One pre-norm transformer layer; the scan carries the residual stream."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, positions, cache_start, cache):
+        c = self.config
+        dt = jnp.dtype(c.dtype)
+        x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+        h, cache = Attention(c, name="attn")(RMSNorm(c.norm_eps, dt, name="attn_norm")(x), positions, cache, cache_start)
+        x = x + h
+        x = x + FeedForward(c, name="ffn")(RMSNorm(c.norm_eps, dt, name="ffn_norm")(x))
+        return x, cache
+
+
+class Llama(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, tokens, positions=None, cache=None, cache_start=0):
+        """tokens [B, T] int → float32 logits [B, T, padded_vocab] (and the updated KV cache when
+        one is given). Logits of the padding rows past `vocab_size` are pushed to -1e9: they are
+        never real tokens, so sampling and the loss ignore them and exports may trim them."""
+        c = self.config
+        dt = jnp.dtype(c.dtype)
+        if positions is None:
+            positions = jnp.broadcast_to(cache_start + jnp.arange(tokens.shape[1]), tokens.shape)
+        embed = nn.Embed(c.padded_vocab, c.n_embd, dtype=dt, param_dtype=jnp.float32,
+                         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")),
+                         name="tok_embeddings")
+        x = embed(tokens)
+        block = Block
+        if c.remat != "none":
+            block = nn.remat(block, policy=REMAT[c.remat], prevent_cse=False)
+        layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                         in_axes=(nn.broadcast, nn.broadcast, 0), length=c.n_layer,
+                         metadata_params={nn.PARTITION_NAME: "layers"})
+        x, cache = layers(c, name="layers")(x, positions, cache_start, cache)
+        x = RMSNorm(c.norm_eps, dt, name="norm")(x)
+        logits = dense(c.padded_vocab, ("embed", "vocab"), nn.initializers.normal(0.001), dt, "output")(x)
+        logits = logits.astype(jnp.float32)
+        if c.softcap:
+            logits = c.softcap * jnp.tanh(logits / c.softcap)
+        if c.padded_vocab > c.vocab_size:
+            logits = jnp.where(jnp.arange(c.padded_vocab) < c.vocab_size, logits, -1e9)
+        return logits if cache is None else (logits, cache)
+
+
+def init_params(config: LlamaConfig, seed: int = 0) -> Params:
+    """nanollama's init, as a plain nested dict of float32 arrays. Same seed, same params: always
+    compiled, so eager, jitted and sharded callers get the same bits."""
+    def init():
+        return nn.unbox(Llama(config).init(jax.random.PRNGKey(seed), jnp.zeros((1, 1), jnp.int32))["params"])
+
+    return jax.jit(init)()
+
+
+def param_logical_axes(config: LlamaConfig) -> Params:
+    """The logical axis names of every parameter, as a pytree of PartitionSpecs (nothing allocated)."""
+    boxed = jax.eval_shape(lambda: Llama(config).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))
+    return nn.get_partition_spec(boxed)["params"]
+
+
+def param_shapes(config: LlamaConfig) -> Params:
+    return jax.eval_shape(lambda: init_params(config))
+
+
+def forward(params: Params, tokens: jax.Array, config: LlamaConfig) -> jax.Array:
+    return Llama(config).apply({"params": params}, tokens)
+
+
+def init_cache(config: LlamaConfig, batch: int, length: int, dtype=jnp.float32):
+    """An empty KV cache: (k, v), each [layers, batch, length, kv_heads, head_dim]."""
+    shape = (config.n_layer, batch, length, config.n_kv_head, config.head_dim)
+    return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+
+
+def decode_step(params: Params, tokens: jax.Array, cache, cache_start, config: LlamaConfig):
+    """Run `tokens` [B, T] at positions cache_start… against the cache; returns (logits, cache)."""
+    return Llama(config).apply({"params": params}, tokens, cache=cache, cache_start=cache_start)
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean next-token cross-entropy in float32."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))

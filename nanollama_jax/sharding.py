@@ -1,0 +1,113 @@
+"""The device mesh and the one table that maps logical axis names to it.
+
+Mesh axes are ("fsdp", "tensor"): batch, and every parameter's `embed` axis, split along fsdp
+(ZeRO-3: params and optimizer state are partitioned, gathered per layer by XLA); heads, mlp and
+vocab along tensor. The model never mentions devices; this file is the only place that does.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from .config import LlamaConfig
+from .model import Params, init_params, param_logical_axes
+
+log = logging.getLogger(__name__)
+
+MESH_AXES = ("fsdp", "tensor")
+
+# logical axis -> mesh axis (None: replicated). One table for params and activations.
+RULES: tuple[tuple[str, str | None], ...] = (
+    ("batch", "fsdp"),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("layers", None),
+    ("norm", None),
+    ("length", None),
+    ("act_embed", None),
+)
+
+
+def parse_mesh(spec: str | None, n_devices: int) -> tuple[int, int]:
+    """'FxT' -> (F, T); None -> all devices on fsdp."""
+    if spec is None:
+        return n_devices, 1
+    try:
+        fsdp, tensor = (int(s) for s in spec.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--mesh takes FSDPxTENSOR, e.g. 4x1 or 2x2; got {spec!r}") from None
+    if fsdp < 1 or tensor < 1 or fsdp * tensor != n_devices:
+        raise ValueError(f"--mesh {spec} needs {fsdp * tensor} devices but {n_devices} are available")
+    return fsdp, tensor
+
+
+def make_mesh(spec: str | None = None, devices=None) -> Mesh:
+    devices = jax.devices() if devices is None else devices
+    shape = parse_mesh(spec, len(devices))
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def mesh_spec(logical: P, shape: tuple[int, ...], mesh: Mesh) -> P:
+    """Map a logical PartitionSpec to mesh axes; a dimension that the mesh axis does not divide
+    stays replicated rather than failing (e.g. 6 heads on a tensor axis of 4)."""
+    rules = dict(RULES)
+    axes = []
+    for dim, name in zip(shape, logical):
+        axis = rules.get(name) if name else None
+        if axis is not None and dim % mesh.shape[axis]:
+            log.info("dimension %s of size %d is not divisible by mesh axis %s=%d: replicated",
+                     name, dim, axis, mesh.shape[axis])
+            axis = None
+        axes.append(axis)
+    return P(*axes)
+
+
+def param_shardings(config: LlamaConfig, mesh: Mesh) -> Params:
+    shapes = jax.eval_shape(lambda: init_params(config))
+    logical = param_logical_axes(config)
+    return jax.tree_util.tree_map(lambda spec, s: NamedSharding(mesh, mesh_spec(spec, s.shape, mesh)),
+                                  logical, shapes, is_leaf=lambda x: isinstance(x, P))
+
+
+def shard_like(tree, shardings):
+    """Place a pytree of host or device arrays onto the given shardings."""
+    return jax.tree_util.tree_map(jax.device_put, tree, shardings)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Token batches [B, T]: rows split along fsdp, replicated along tensor."""
+    return NamedSharding(mesh, P("fsdp", None))
+
+
+def init_sharded(config: LlamaConfig, mesh: Mesh, seed: int = 0) -> Params:
+    """Parameters born sharded: each device computes only its own shards, nothing is
+    materialised whole on one device."""
+    return jax.jit(lambda: init_params(config, seed), out_shardings=param_shardings(config, mesh))()
+
+
+def axis_rules():
+    """Context for `nn.with_logical_constraint` on activations inside the model."""
+    return nn.logical_axis_rules(RULES)
+
+
+def bytes_per_device(tree) -> int:
+    """Largest number of bytes any single device holds for a sharded pytree."""
+    per_device: dict = {}
+    for leaf in jax.tree_util.tree_leaves(tree):
+        for shard in leaf.addressable_shards:
+            per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
+    return max(per_device.values()) if per_device else 0
+
+
+def describe(mesh: Mesh) -> str:
+    kinds = sorted({d.platform for d in mesh.devices.flat})
+    return (f"mesh fsdp={mesh.shape['fsdp']} x tensor={mesh.shape['tensor']} over "
+            f"{math.prod(mesh.devices.shape)} {'/'.join(kinds)} device(s), {jax.process_count()} process(es)")

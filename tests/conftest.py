@@ -1,0 +1,20 @@
+"""Test setup: 4 simulated CPU devices for the whole session (tests choose their mesh explicitly),
+and small model configs."""
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+from nanollama_jax.config import LlamaConfig  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def mha_config():
+    return LlamaConfig(n_layer=2, n_embd=128, n_head=2, n_kv_head=2, vocab_size=1000, sequence_len=128)
+
+
+@pytest.fixture(scope="session")
+def gqa_config():
+    return LlamaConfig(n_layer=3, n_embd=256, n_head=4, n_kv_head=2, vocab_size=512, sequence_len=128)
