@@ -182,8 +182,8 @@ def _load_ours(data_dir, meta_path, raw, verify_tokenizer) -> dict:
         if isinstance(e, DataError):
             raise
         raise DataError(f"{meta_path}: corrupt ({type(e).__name__}: {e})") from None
-    if dtype != dtype_for_vocab(vocab):
-        raise DataError(f"{meta_path}: dtype {raw['dtype']} does not match vocab_size {vocab}")
+    if dtype.itemsize < dtype_for_vocab(vocab).itemsize:
+        raise DataError(f"{meta_path}: dtype {raw['dtype']} cannot hold vocab_size {vocab}")
     tok = data_dir / raw.get("tokenizer", "tokenizer.model")
     sha = raw.get("tokenizer_sha256")
     if not tok.is_file():

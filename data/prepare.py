@@ -160,6 +160,13 @@ def _source_from(inputs=None, hf=None, preset=None, text_field="text"):
     return Mixture([BuiltinSource()], [1.0])
 
 
+def _source_label(source) -> str:
+    files = getattr(source, "files", None)
+    if files:
+        return str(files[0]) if len(files) == 1 else f"{files[0]} (+{len(files) - 1} more files)"
+    return getattr(source, "name", "input")
+
+
 def _fingerprint(mix: Mixture, options: dict) -> tuple[str, list[dict]]:
     described = [dict(s.describe(), ratio=r) for s, r in zip(mix.sources, mix.ratios)]
     blob = json.dumps({"sources": described, "options": options, "format_version": FORMAT_VERSION},
@@ -217,9 +224,10 @@ class _Progress:
 
 
 def _build(staging: pathlib.Path, mix: Mixture, *, vocab_size, tokenizer_file, val_fraction, shard_size,
-           workers, max_tokens, force_dtype, progress, log, fingerprint, described, tokenizer_chars) -> dict:
+           workers, max_tokens, force_dtype, progress, log, fingerprint, described, tokenizer_chars,
+           extra_meta=None) -> dict:
     staging.mkdir(parents=True)
-    names = ", ".join(s.name for s in mix.sources)
+    names = ", ".join(_source_label(s) for s in mix.sources)
 
     # 1. Tokenizer: reuse or train on the training documents.
     if tokenizer_file is not None:
@@ -238,11 +246,22 @@ def _build(staging: pathlib.Path, mix: Mixture, *, vocab_size, tokenizer_file, v
         log(f"Training a {vocab_size:,}-piece BPE tokenizer on {names} …")
         t0 = time.time()
 
+        seen = [0]
+
         def train_docs():
             for i, (doc, _) in enumerate(mix.documents_tagged()):
+                seen[0] += 1
                 if not is_val_document(i, val_fraction):
                     yield doc
-        model = tok.train(train_docs(), vocab_size, threads=workers, max_chars=tokenizer_chars)
+        try:
+            model = tok.train(train_docs(), vocab_size, threads=workers, max_chars=tokenizer_chars)
+        except tok.NoText:
+            if seen[0] == 0:
+                raise DataError(f"{names}: empty corpus (no non-blank documents found)") from None
+            if seen[0] == 1 and val_fraction > 0:
+                raise DataError(f"{names}: only 1 document, held out for validation; add text "
+                                "(separate documents with blank-line triples) or pass --val-fraction 0") from None
+            raise
         sp = tok.load(model)
         trained = True
         log(f"  tokenizer trained in {time.time() - t0:.1f}s")
@@ -327,6 +346,7 @@ def _build(staging: pathlib.Path, mix: Mixture, *, vocab_size, tokenizer_file, v
         "train": split_meta["train"], "val": split_meta["val"],
         "sources": sources, "inputs_fingerprint": fingerprint,
     }
+    meta.update(extra_meta or {})
     write_json_atomic(staging / "meta.json", meta)
     rate = done / max(elapsed, 1e-9)
     log(f"  {done:,} tokens in {elapsed:.1f}s ({rate:,.0f} tokens/s)")
@@ -367,13 +387,17 @@ def default_workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-def prepare(output, *, inputs=None, hf=None, preset=None, text_field="text", vocab_size=None,
+def prepare(output, *, inputs=None, hf=None, preset=None, source=None, text_field="text", vocab_size=None,
             tokenizer_file=None, val_fraction=DEFAULT_VAL_FRACTION, shard_size=DEFAULT_SHARD_SIZE,
             workers=None, max_tokens=None, force=False, progress=True, force_dtype=None,
-            tokenizer_chars=tok.DEFAULT_TOKENIZER_CHARS, log: Callable[[str], None] = print) -> pathlib.Path:
+            tokenizer_chars=tok.DEFAULT_TOKENIZER_CHARS, extra_meta=None,
+            log: Callable[[str], None] = print) -> pathlib.Path:
     """Prepare a data folder (see module docstring); returns its path. Raises DataError."""
     output = pathlib.Path(output).expanduser()
-    mix = _source_from(inputs, hf, preset, text_field)
+    if source is not None:  # any object with name, describe(), total_bytes(), documents()
+        mix = source if isinstance(source, Mixture) else Mixture([source], [1.0])
+    else:
+        mix = _source_from(inputs, hf, preset, text_field)
     if vocab_size is None:
         vocab_size = PRESETS[preset]["vocab_size"] if preset else (
             BUILTIN_VOCAB_SIZE if isinstance(mix.sources[0], BuiltinSource) else tok.DEFAULT_VOCAB_SIZE)
@@ -389,7 +413,8 @@ def prepare(output, *, inputs=None, hf=None, preset=None, text_field="text", voc
     options = {"vocab_size": None if tokenizer_file else vocab_size, "tokenizer_sha256": tok_sha,
                "val_fraction": val_fraction, "shard_size": shard_size, "max_tokens": max_tokens,
                "force_dtype": None if force_dtype is None else dtype_name(np.dtype(force_dtype)),
-               "tokenizer_options": tok.TOKENIZER_OPTIONS, "tokenizer_chars": tokenizer_chars}
+               "tokenizer_options": tok.TOKENIZER_OPTIONS, "tokenizer_chars": tokenizer_chars,
+               "extra_meta": extra_meta}
     fingerprint, described = _fingerprint(mix, options)
     if not force and _is_current(output, fingerprint):
         log(f"{output}: already prepared from these inputs (meta.json matches); nothing to do")
@@ -400,7 +425,8 @@ def prepare(output, *, inputs=None, hf=None, preset=None, text_field="text", voc
         meta = _build(staging, mix, vocab_size=vocab_size, tokenizer_file=tokenizer_file,
                       val_fraction=val_fraction, shard_size=shard_size, workers=workers,
                       max_tokens=max_tokens, force_dtype=force_dtype, progress=progress, log=log,
-                      fingerprint=fingerprint, described=described, tokenizer_chars=tokenizer_chars)
+                      fingerprint=fingerprint, described=described, tokenizer_chars=tokenizer_chars,
+                      extra_meta=extra_meta)
         _publish(staging, output)
     finally:
         if staging.exists():

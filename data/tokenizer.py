@@ -14,6 +14,11 @@ from typing import Iterable, Iterator
 from .format import DataError
 
 DEFAULT_VOCAB_SIZE = 32000
+
+
+class NoText(DataError):
+    """The documents held no text to train a tokenizer on."""
+
 TOKENIZER_OPTIONS = dict(
     model_type="bpe",
     byte_fallback=True,
@@ -53,7 +58,7 @@ def train(documents: Iterable[str], vocab_size: int, *, threads: int = 1,
     spm.set_random_generator_seed(TRAIN_SEED)
     lines = list(_lines(documents, max_chars))
     if not lines:
-        raise DataError("tokenizer: no text to train on")
+        raise NoText("tokenizer: no text to train on")
     out = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
@@ -63,9 +68,16 @@ def train(documents: Iterable[str], vocab_size: int, *, threads: int = 1,
             **TOKENIZER_OPTIONS)
     except RuntimeError as e:
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
-        if "Vocabulary size" in msg or "vocab_size" in msg:
-            raise DataError(f"tokenizer: corpus too small for --vocab-size {vocab_size} ({msg}); "
-                            "use a smaller --vocab-size or more text") from None
+        import re
+
+        small = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", msg)
+        if small:
+            raise DataError(f"tokenizer: --vocab-size {vocab_size} is too small for this text's characters "
+                            f"plus the 259 special and byte pieces; use at least {small.group(2)}") from None
+        high = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", msg)
+        if high:
+            raise DataError(f"tokenizer: corpus too small for --vocab-size {vocab_size}; "
+                            f"use at most {high.group(2)} or add text") from None
         raise DataError(f"tokenizer: SentencePiece training failed ({msg})") from None
     return _normalise(out.getvalue())
 
