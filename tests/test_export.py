@@ -1,0 +1,231 @@
+"""Export: GGUF files that llama.cpp (built by llama-cpp-python) runs exactly like our model, GGUF read
+back, nanollama `.pt` checkpoints both ways, and clean failures on bad input."""
+import itertools
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from export import gguf as G
+from nanollama_jax import checkpoint
+from nanollama_jax import model as M
+from nanollama_jax.config import LlamaConfig
+
+llama_cpp = pytest.importorskip("llama_cpp")
+gguf = pytest.importorskip("gguf")
+
+VOCAB = 500  # not a multiple of 64: the padded rows (500..511) are exercised
+TEXTS = [
+    "Hello world, this is a test.",
+    "  two leading spaces, then   runs of   spaces",
+    "digits 0123456789 and 3.14159, 2**10 = 1024",
+    "punctuation!? (brackets) [x] {y} <z> --- ... ; : 'quotes' \"double\"",
+    "non-ASCII: Ünïcödé, naïve café, Grüße, Ελληνικά, русский, 日本語, emoji ☃🙂",
+    "tabs\tand\nnewlines\n\nend",
+]
+PROMPT = (" The quick brown fox, 12345 jumps over the lazy dog. Ünïcödé ☃ text!  Leading  spaces and more "
+          "words to fill the prompt: def foo(x): return x * 2  # a comment about the function")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_file(tmp_path_factory):
+    from data import builtin, tokenizer
+
+    docs = list(itertools.islice(builtin.documents(), 150))
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
+    path.write_bytes(tokenizer.train(docs, VOCAB))
+    return path
+
+
+@pytest.fixture(scope="session")
+def sp(tokenizer_file):
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=str(tokenizer_file))
+
+
+@pytest.fixture(scope="session")
+def config():
+    return LlamaConfig(n_layer=2, n_embd=128, n_head=4, n_kv_head=2, vocab_size=VOCAB, sequence_len=128)
+
+
+def random_params(config, seed=0):
+    """nanollama's init with the zero-initialised projections, the norms and the output head filled
+    with random values of a realistic scale, so every weight moves the logits."""
+    p = jax.tree_util.tree_map(np.array, M.init_params(config, seed))
+    rng = np.random.default_rng(seed)
+    lay = p["layers"]
+    for mod, name in (("attn", "c_proj"), ("ffn", "down_proj")):
+        k = lay[mod][name]["kernel"]
+        lay[mod][name]["kernel"] = (rng.uniform(-1, 1, k.shape) * np.sqrt(3 / k.shape[1])).astype(np.float32)
+    for name in ("attn_norm", "ffn_norm"):
+        lay[name]["scale"] = (1 + 0.2 * rng.standard_normal(lay[name]["scale"].shape)).astype(np.float32)
+    p["norm"]["scale"] = (1 + 0.2 * rng.standard_normal(p["norm"]["scale"].shape)).astype(np.float32)
+    p["output"]["kernel"] = (0.2 * rng.standard_normal(p["output"]["kernel"].shape)).astype(np.float32)
+    return p
+
+
+@pytest.fixture(scope="session")
+def params(config):
+    return random_params(config)
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory, config, params, tokenizer_file):
+    path = tmp_path_factory.mktemp("run") / "tiny"
+    checkpoint.write_params_run(path, config, params, tokenizer_file, step=7)
+    return path
+
+
+@pytest.fixture(scope="session")
+def prompt_ids(sp):
+    ids = [sp.bos_id()] + sp.encode(PROMPT)
+    assert 64 <= len(ids) <= 128
+    return ids
+
+
+def our_logits(params, config, ids):
+    return np.asarray(M.forward(params, np.asarray([ids], np.int32), config))[0, :, :config.vocab_size]
+
+
+def llama_cpp_logits(path, ids, n_ctx=128):
+    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
+                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, n_threads=2,
+                          verbose=False)
+    try:
+        llm.eval(ids)
+        return np.array(llm.scores[: len(ids)], dtype=np.float32)
+    finally:
+        llm.close()
+
+
+@pytest.fixture(scope="session")
+def f32_gguf(tmp_path_factory, run_dir):
+    out = tmp_path_factory.mktemp("gguf") / "tiny-f32.gguf"
+    r = subprocess.run([sys.executable, "-m", "export.gguf", "--checkpoint", str(run_dir), "--output", str(out),
+                        "--quiet"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "wrote" in r.stdout and "step 7" in r.stdout
+    return out
+
+
+# ---------------------------------------------------------------- GGUF file contents
+
+def test_gguf_metadata_and_tensors(f32_gguf, config, sp):
+    from gguf import GGMLQuantizationType as Q, GGUFReader, GGUFValueType as V
+
+    r = GGUFReader(str(f32_gguf))
+    f = r.fields
+
+    def val(key):
+        return f[key].contents()
+
+    assert val("general.architecture") == "llama" and val("general.name") == "tiny"
+    assert val("general.file_type") == 0
+    uint32 = {"llama.context_length": 128, "llama.embedding_length": 128, "llama.block_count": 2,
+              "llama.feed_forward_length": config.ffn_hidden, "llama.attention.head_count": 4,
+              "llama.attention.head_count_kv": 2, "llama.attention.key_length": 64,
+              "llama.attention.value_length": 64, "llama.rope.dimension_count": 64, "llama.vocab_size": VOCAB}
+    for key, want in uint32.items():
+        assert f[key].types == [V.UINT32], key
+        assert val(key) == want, key
+    for key, want in {"llama.attention.layer_norm_rms_epsilon": 1e-5, "llama.rope.freq_base": 10000.0}.items():
+        assert f[key].types == [V.FLOAT32], key
+        assert val(key) == pytest.approx(want)
+    assert val("tokenizer.ggml.model") == "llama"
+    tokens = val("tokenizer.ggml.tokens")
+    assert tokens == [sp.id_to_piece(i) for i in range(VOCAB)]  # exactly the SentencePiece vocab
+    types = val("tokenizer.ggml.token_type")
+    assert types[0] == 2 and types[1] == 3 and types[2] == 3 and types[3:259] == [6] * 256 and set(types[259:]) == {1}
+    assert val("tokenizer.ggml.scores")[300] == pytest.approx(sp.get_score(300))
+    assert (val("tokenizer.ggml.bos_token_id"), val("tokenizer.ggml.eos_token_id"),
+            val("tokenizer.ggml.unknown_token_id")) == (1, 2, 0)
+    assert "tokenizer.ggml.padding_token_id" not in f  # our tokenizer has no pad piece
+    assert val("tokenizer.ggml.add_bos_token") is True and val("tokenizer.ggml.add_eos_token") is False
+
+    tensors = {t.name: t for t in r.tensors}
+    names = {"token_embd.weight", "output_norm.weight", "output.weight"}
+    for i in range(2):
+        names |= {f"blk.{i}.{n}.weight" for n in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
+                                                   "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")}
+    assert set(tensors) == names
+    assert list(tensors["token_embd.weight"].shape) == [128, VOCAB]  # ggml order: ne0 = row length
+    assert list(tensors["output.weight"].shape) == [128, VOCAB]  # trimmed to vocab_size rows
+    assert list(tensors["blk.0.attn_k.weight"].shape) == [128, 128]
+    assert list(tensors["blk.0.ffn_down.weight"].shape) == [config.ffn_hidden, 128]
+    assert all(t.tensor_type == Q.F32 for t in r.tensors)
+
+
+def test_qk_permutation_matches_convert_hf_to_gguf():
+    # convert_hf_to_gguf.LlamaModel.permute, verbatim (torch → numpy)
+    def permute(weights, n_head, n_head_kv):
+        if n_head_kv is not None and n_head != n_head_kv:
+            n_head = n_head_kv
+        return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+                .swapaxes(1, 2).reshape(weights.shape))
+
+    w = np.arange(4 * 8 * 3, dtype=np.float32).reshape(32, 3)
+    np.testing.assert_array_equal(G.permute_qk(w, 4), permute(w, 4, 4))
+    np.testing.assert_array_equal(G.permute_qk(w, 2), permute(w, 8, 2))
+    np.testing.assert_array_equal(G.unpermute_qk(G.permute_qk(w, 4), 4), w)
+    # head 0's rows: half-split pairs (0, 4), (1, 5)… become adjacent (0, 1), (2, 3)…
+    assert G.permute_qk(np.arange(8.0)[:, None], 1)[:, 0].tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
+
+
+# ---------------------------------------------------------------- llama.cpp parity
+
+def test_llama_cpp_f32_matches_our_logits(f32_gguf, params, config, prompt_ids):
+    ours = our_logits(params, config, prompt_ids)
+    theirs = llama_cpp_logits(f32_gguf, prompt_ids)
+    assert theirs.shape == ours.shape == (len(prompt_ids), VOCAB)
+    assert ours.std() > 1.0  # logits of a realistic scale, so the tolerance means something
+    diff = np.abs(theirs - ours).max()
+    print(f"F32 max|diff| = {diff:.2e}")
+    assert diff <= 1e-3
+    assert (theirs.argmax(-1) == ours.argmax(-1)).all()
+
+
+def test_negative_control_without_qk_permutation_is_rejected(tmp_path, params, config, tokenizer_file, prompt_ids):
+    out = tmp_path / "unpermuted.gguf"
+    G.write_gguf(params, config, tokenizer_file, out, "f32", progress=False, _permute=False)
+    diff = np.abs(llama_cpp_logits(out, prompt_ids) - our_logits(params, config, prompt_ids)).max()
+    print(f"unpermuted F32 max|diff| = {diff:.2e}")
+    assert diff > 1e-3  # the same comparison fails
+    assert diff > 0.1  # by far
+
+
+@pytest.mark.parametrize("dtype,tol", [("f16", 2e-2), ("q8_0", 0.2), ("q4_0", 0.2)])
+def test_llama_cpp_quantised_matches(tmp_path, params, config, tokenizer_file, prompt_ids, dtype, tol):
+    out = tmp_path / f"m-{dtype}.gguf"
+    G.write_gguf(params, config, tokenizer_file, out, dtype, progress=False)
+    theirs = llama_cpp_logits(out, prompt_ids)
+    if dtype == "f16":
+        ref = our_logits(params, config, prompt_ids)  # the float model itself
+    else:  # the same weights quantised and dequantised as the export does
+        ref = our_logits(G.quantized_params(params, config, dtype), config, prompt_ids)
+    diff = np.abs(theirs - ref).max()
+    print(f"{dtype} max|diff| = {diff:.3g}")
+    assert diff <= tol
+
+
+def test_llama_cpp_tokenizer_matches_sentencepiece(f32_gguf, sp):
+    llm = llama_cpp.Llama(model_path=str(f32_gguf), vocab_only=True, verbose=False)
+    try:
+        for text in TEXTS + [PROMPT]:
+            ours = [sp.bos_id()] + sp.encode(text)
+            assert llm.tokenize(text.encode(), add_bos=True, special=False) == ours, text
+        assert any(sp.is_byte(i) for i in sp.encode(TEXTS[4]))  # byte fallback exercised
+    finally:
+        llm.close()
+
+
+def test_refuses_models_llama_cpp_cannot_run(tmp_path, config, params, tokenizer_file):
+    import dataclasses
+
+    for change, word in (({"use_qk_norm": True}, "QK-norm"), ({"softcap": 15.0}, "softcap")):
+        out = tmp_path / "x.gguf"
+        with pytest.raises(ValueError, match=word):
+            G.write_gguf(params, dataclasses.replace(config, **change), tokenizer_file, out, progress=False)
+        assert not out.exists() and not list(tmp_path.iterdir())
