@@ -191,31 +191,28 @@ def roundtrip_tensor(a: np.ndarray, qtype) -> np.ndarray:
 def quantized_params(params: Params, config: LlamaConfig, dtype: str) -> Params:
     """Our params with every tensor stored as the export would store it for --dtype and read back
     (in our layout; the padding rows are left as they are). The reference for quantised parity."""
-    import jax
+    from nanollama_jax.statedict import _get, _set
 
-    from nanollama_jax.statedict import _set
+    def roundtrip(name, a):
+        qtype, _ = tensor_qtype(a.shape, dtype)
+        rows = config.vocab_size if name in VOCAB_TENSORS else a.shape[0]
+        q = a.copy()
+        q[:rows] = roundtrip_tensor(a[:rows], qtype)
+        return q
 
     out: Params = {}
     for path, name, transpose in TOP_TENSORS:
-        from nanollama_jax.statedict import _get
         a = np.asarray(_get(params, path), dtype=np.float32)
-        a = a.T if transpose else a
-        qtype, _ = tensor_qtype(a.shape, dtype)
-        q = a.copy()
-        rows = config.vocab_size if name in VOCAB_TENSORS else a.shape[0]
-        q[:rows] = roundtrip_tensor(a[:rows], qtype)
+        q = roundtrip(name, a.T if transpose else a)
         _set(out, path, q.T if transpose else q)
     for path, name, transpose in LAYER_TENSORS:
-        from nanollama_jax.statedict import _get
         stacked = np.asarray(_get(params["layers"], path), dtype=np.float32)
         layers = []
         for i in range(config.n_layer):
-            a = stacked[i].T if transpose else stacked[i]
-            qtype, _ = tensor_qtype(a.shape, dtype)
-            q = roundtrip_tensor(a, qtype)
+            q = roundtrip(name, stacked[i].T if transpose else stacked[i])
             layers.append(q.T if transpose else q)
         _set(out, ("layers",) + path, np.stack(layers))
-    return jax.tree_util.tree_map(np.asarray, out)
+    return out
 
 
 @dataclass

@@ -229,3 +229,77 @@ def test_refuses_models_llama_cpp_cannot_run(tmp_path, config, params, tokenizer
         with pytest.raises(ValueError, match=word):
             G.write_gguf(params, dataclasses.replace(config, **change), tokenizer_file, out, progress=False)
         assert not out.exists() and not list(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------- GGUF read back
+
+def assert_params_equal_on_real_rows(got, want, config):
+    """Bit-exact on every tensor; the vocab padding rows (masked by the model) come back as zeros."""
+    flat_got = jax.tree_util.tree_leaves_with_path(got)
+    flat_want = dict(jax.tree_util.tree_leaves_with_path(want))
+    assert len(flat_got) == len(flat_want)
+    for path, g in flat_got:
+        g, w = np.asarray(g), np.asarray(flat_want[path])
+        assert g.shape == w.shape and g.dtype == np.float32, path
+        name = jax.tree_util.keystr(path)
+        if "tok_embeddings" in name:
+            np.testing.assert_array_equal(g[:config.vocab_size], w[:config.vocab_size], err_msg=name)
+            assert not g[config.vocab_size:].any()
+        elif "output" in name:
+            np.testing.assert_array_equal(g[:, :config.vocab_size], w[:, :config.vocab_size], err_msg=name)
+            assert not g[:, config.vocab_size:].any()
+        else:
+            np.testing.assert_array_equal(g, w, err_msg=name)
+
+
+def test_roundtrip_checkpoint_gguf_f32_checkpoint(tmp_path, f32_gguf, run_dir, params, config, tokenizer_file,
+                                                  sp, prompt_ids):
+    out = tmp_path / "back"
+    r = subprocess.run([sys.executable, "-m", "export.gguf_read", str(f32_gguf), "--output", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    run, back = checkpoint.load_params(out)
+    assert run.config == config
+    assert_params_equal_on_real_rows(back, params, config)
+    assert run.tokenizer_path.read_bytes() == tokenizer_file.read_bytes()  # the original, byte for byte
+    np.testing.assert_array_equal(our_logits(back, config, prompt_ids), our_logits(params, config, prompt_ids))
+
+
+def test_roundtrip_is_exact_when_padding_rows_are_zero(tmp_path, params, config, tokenizer_file):
+    from export.gguf_read import read_gguf
+
+    p = jax.tree_util.tree_map(np.array, params)
+    p["tok_embeddings"]["embedding"][config.vocab_size:] = 0
+    p["output"]["kernel"][:, config.vocab_size:] = 0
+    G.write_gguf(p, config, tokenizer_file, tmp_path / "m.gguf", "f32", progress=False)
+    config2, back, tok = read_gguf(tmp_path / "m.gguf")
+    assert config2 == config and tok == tokenizer_file.read_bytes()
+    for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(p)):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", ["f16", "q8_0", "q4_1"])
+def test_read_back_quantised_gguf_dequantises(tmp_path, params, config, tokenizer_file, dtype):
+    from export.gguf_read import read_gguf
+
+    G.write_gguf(params, config, tokenizer_file, tmp_path / "m.gguf", dtype, progress=False)
+    _, back, _ = read_gguf(tmp_path / "m.gguf")
+    assert_params_equal_on_real_rows(back, G.quantized_params(params, config, dtype), config)
+
+
+def test_foreign_vocab_rebuilds_an_equivalent_sentencepiece_model(tmp_path, params, config, tokenizer_file, sp):
+    """A GGUF without our embedded tokenizer.model (as from any other converter): the SentencePiece
+    model rebuilt from tokens/scores/types encodes exactly like the original."""
+    import sentencepiece as spm
+
+    from export.gguf_read import read_gguf
+
+    G.write_gguf(params, config, tokenizer_file, tmp_path / "m.gguf", "f32", progress=False, _embed_tokenizer=False)
+    _, _, tok = read_gguf(tmp_path / "m.gguf")
+    assert tok != tokenizer_file.read_bytes()
+    rebuilt = spm.SentencePieceProcessor(model_proto=tok)
+    assert rebuilt.get_piece_size() == VOCAB
+    assert (rebuilt.bos_id(), rebuilt.eos_id(), rebuilt.unk_id(), rebuilt.pad_id()) == (1, 2, 0, -1)
+    for text in TEXTS + [PROMPT]:
+        assert rebuilt.encode(text) == sp.encode(text), text
+        assert rebuilt.decode(sp.encode(text)) == sp.decode(sp.encode(text))
