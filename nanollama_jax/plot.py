@@ -1,0 +1,62 @@
+"""Plot a run's curves (training and validation loss, bits per byte, learning rate) as a PNG.
+
+    python -m nanollama_jax.plot runs/tiny            # writes runs/tiny/curves.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .files import atomic_path
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no metrics yet (has the run logged a step?)")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    rows = read_metrics(run_dir)
+    train = [r for r in rows if "loss" in r]
+    val = [r for r in rows if "val_loss" in r]
+    fig, (ax_loss, ax_bpb, ax_lr) = plt.subplots(1, 3, figsize=(15, 4))
+    ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train", lw=1)
+    if val:
+        ax_loss.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
+        ax_bpb.plot([r["step"] for r in val], [r["val_bpb"] for r in val], "o-", color="tab:green")
+    ax_loss.set(title="loss (nats/token)", xlabel="step")
+    ax_loss.legend()
+    ax_bpb.set(title="validation bits per byte", xlabel="step")
+    ax_lr.plot([r["step"] for r in train], [r["lr"] for r in train], color="tab:red")
+    ax_lr.set(title="learning rate (hidden matrices)", xlabel="step")
+    fig.suptitle(run_dir.name)
+    fig.tight_layout()
+    output = Path(output) if output else run_dir / "curves.png"
+    with atomic_path(output) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return output
+
+
+def main(argv=None):
+    from .cli import run_cli
+
+    p = argparse.ArgumentParser(prog="python -m nanollama_jax.plot", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", help="run folder")
+    p.add_argument("--output", help="PNG path (default RUN/curves.png)")
+    args = p.parse_args(argv)
+    run_cli(lambda: print(f"wrote {plot_run(args.run, args.output)}"))
+
+
+if __name__ == "__main__":
+    main()
