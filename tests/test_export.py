@@ -462,3 +462,134 @@ def test_reference_extensions_are_refused(tmp_path, tokenizer_file, change, word
     assert r.returncode == 1
     assert len(r.stderr.strip().splitlines()) == 1 and word in r.stderr, r.stderr
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- bad input
+
+def rewrite_gguf(src, dst, fields=None, tensor=None):
+    """Copy a GGUF, overriding metadata (`fields`: key -> (value, type[, sub_type]), None to drop)
+    and passing each tensor through `tensor(name, data) -> data`."""
+    from gguf import GGUFReader, GGUFValueType as V, GGUFWriter
+
+    r = GGUFReader(str(src))
+    fields = dict(fields or {})
+    arch = fields.pop("general.architecture", (r.fields["general.architecture"].contents(),))[0]
+    w = GGUFWriter(str(dst), arch)
+    for key, f in r.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        if key in fields:
+            continue
+        sub = f.types[-1] if f.types[0] == V.ARRAY else None
+        w.add_key_value(key, f.contents(), f.types[0], sub_type=sub)
+    for key, spec in fields.items():
+        if spec is not None:
+            w.add_key_value(key, *spec)
+    for t in r.tensors:
+        data = np.array(t.data)
+        if tensor:
+            data = tensor(t.name, data)
+        w.add_tensor(t.name, data, raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", *map(str, args)], capture_output=True, text=True)
+
+
+def assert_one_line_error(r, *words):
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def test_rewrite_helper_keeps_a_good_file_good(tmp_path, f32_gguf):
+    from export.gguf_read import read_gguf
+
+    read_gguf(rewrite_gguf(f32_gguf, tmp_path / "copy.gguf"))
+
+
+def test_bad_inputs_fail_cleanly(tmp_path, f32_gguf, run_dir):
+    from gguf import GGUFValueType as V
+
+    out = tmp_path / "out"
+    out.mkdir()
+    # export: a checkpoint path that does not exist
+    r = run_cli("export.gguf", "--checkpoint", tmp_path / "nope", "--output", out / "m.gguf")
+    assert_one_line_error(r, "nope", "no such run")
+    # export: an unknown --dtype
+    r = run_cli("export.gguf", "--checkpoint", run_dir, "--output", out / "m.gguf", "--dtype", "q3_k")
+    assert_one_line_error(r, "--dtype", "q3_k")
+    # read: a GGUF of another architecture
+    gpt2 = rewrite_gguf(f32_gguf, tmp_path / "gpt2.gguf", {"general.architecture": ("gpt2",)})
+    r = run_cli("export.gguf_read", gpt2, "--output", out / "run1")
+    assert_one_line_error(r, "gpt2.gguf", "architecture is 'gpt2'")
+    # read: a tensor with the wrong shape
+    bad = rewrite_gguf(f32_gguf, tmp_path / "badshape.gguf",
+                       tensor=lambda name, a: a[:64] if name == "blk.1.attn_k.weight" else a)
+    r = run_cli("export.gguf_read", bad, "--output", out / "run2")
+    assert_one_line_error(r, "badshape.gguf", "blk.1.attn_k.weight", "[64, 128]", "expected [128, 128]")
+    # read: a non-SentencePiece (BPE) vocabulary
+    bpe = rewrite_gguf(f32_gguf, tmp_path / "bpe.gguf", {"tokenizer.ggml.model": ("gpt2", V.STRING)})
+    r = run_cli("export.gguf_read", bpe, "--output", out / "run3")
+    assert_one_line_error(r, "bpe.gguf", "'gpt2'", "SentencePiece")
+    # read: not a GGUF at all, and a missing file
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf file at all" * 10)
+    assert_one_line_error(run_cli("export.gguf_read", junk, "--output", out / "run4"), "junk.gguf", "GGUF")
+    assert_one_line_error(run_cli("export.gguf_read", tmp_path / "missing.gguf", "--output", out / "run5"),
+                          "missing.gguf")
+    # .pt import: a missing file
+    assert_one_line_error(run_cli("export.nanollama", "--from-pt", tmp_path / "checkpoint_step1.pt", "--output",
+                                  out / "run6"), "checkpoint_step1.pt")
+    assert list(out.iterdir()) == []  # nothing written, not even a temporary file
+
+
+def test_qk_norm_run_is_refused_by_the_cli(tmp_path, config, params, tokenizer_file):
+    import dataclasses
+
+    run = tmp_path / "qk"
+    checkpoint.write_params_run(run, dataclasses.replace(config, use_qk_norm=True), params, tokenizer_file)
+    r = run_cli("export.gguf", "--checkpoint", run, "--output", tmp_path / "out" / "m.gguf")
+    assert_one_line_error(r, "QK-norm")
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+def test_failure_mid_write_leaves_no_partial_file(tmp_path, params, config, tokenizer_file, monkeypatch):
+    calls = []
+    real = G.encode_tensor
+
+    def flaky(a, qtype):
+        calls.append(1)
+        if len(calls) == 5:
+            raise OSError("disk full")
+        return real(a, qtype)
+
+    monkeypatch.setattr(G, "encode_tensor", flaky)
+    with pytest.raises(OSError, match="disk full"):
+        G.write_gguf(params, config, tokenizer_file, tmp_path / "m.gguf", "q8_0", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_row_length_not_fitting_the_block_falls_back_to_f16(tmp_path, tokenizer_file, prompt_ids):
+    """ffn_dim 200 is not a multiple of 32: ffn_down rows fall back to F16 (stated), and llama.cpp
+    still agrees with the quantise-dequantise reference."""
+    from gguf import GGMLQuantizationType as Q, GGUFReader
+
+    c = LlamaConfig(n_layer=1, n_embd=128, n_head=2, n_kv_head=1, vocab_size=VOCAB, sequence_len=128, ffn_dim=200)
+    p = random_params(c, seed=1)
+    info = G.write_gguf(p, c, tokenizer_file, tmp_path / "m.gguf", "q8_0", progress=False)
+    assert info["fallbacks"] == ["blk.0.ffn_down.weight: row length 200 is not a multiple of the Q8_0 block size "
+                                 "32; written as F16"]
+    types = {t.name: t.tensor_type for t in GGUFReader(str(tmp_path / "m.gguf")).tensors}
+    assert types["blk.0.ffn_down.weight"] == Q.F16 and types["blk.0.ffn_up.weight"] == Q.Q8_0
+    assert types["blk.0.attn_norm.weight"] == Q.F32
+    diff = np.abs(llama_cpp_logits(tmp_path / "m.gguf", prompt_ids)
+                  - our_logits(G.quantized_params(p, c, "q8_0"), c, prompt_ids)).max()
+    assert diff <= 0.2
