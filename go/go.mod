@@ -1,0 +1,3 @@
+module nanollama
+
+go 1.19

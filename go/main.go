@@ -1,0 +1,269 @@
+// Command nanollama runs llama-architecture GGUF models: one-shot, REPL,
+// stdin, or as an HTTP server with an OpenAI-shaped API and a chat page.
+package main
+
+import (
+	"bufio"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"runtime"
+	"strings"
+)
+
+const usageText = `nanollama: a pure-Go inference engine for llama GGUF models.
+
+Usage:
+  nanollama --model m.gguf --prompt "Once upon a time" [options]
+  echo "Once upon a time" | nanollama --model m.gguf
+  nanollama --model m.gguf --interactive
+  nanollama --model m.gguf --serve --host 127.0.0.1 --port 8080
+  nanollama --model m.gguf --tokens ids.npy --dump-logits logits.npy
+  nanollama --model m.gguf --list-tensors
+
+Example:
+  nanollama --model nano.gguf --prompt "The meaning of life is" --max-tokens 64 --temp 0.8 --seed 1
+
+Options:
+`
+
+type options struct {
+	model, prompt                   string
+	maxTokens                       int
+	temp, topP, minP, repPenalty    float64
+	topK, repWindow, threads, ctx   int
+	seed                            int64
+	interactive, serve, listTensors bool
+	tokenize                        bool
+	host                            string
+	port, parallel                  int
+	tokens, dumpLogits, kvType      string
+	gamma, lora                     string
+	alpha, loraScale                float64
+}
+
+func main() {
+	var o options
+	fs := flag.NewFlagSet("nanollama", flag.ContinueOnError)
+	fs.SetOutput(os.Stderr)
+	fs.Usage = func() {
+		fmt.Fprint(os.Stderr, usageText)
+		fs.PrintDefaults()
+	}
+	fs.StringVar(&o.model, "model", "", "GGUF model file (required)")
+	fs.StringVar(&o.prompt, "prompt", "", "prompt text (one-shot mode)")
+	fs.IntVar(&o.maxTokens, "max-tokens", 256, "maximum tokens to generate")
+	fs.Float64Var(&o.temp, "temp", 0.8, "temperature (0 = greedy)")
+	fs.IntVar(&o.topK, "top-k", 50, "top-k (0 = off)")
+	fs.Float64Var(&o.topP, "top-p", 0.9, "top-p / nucleus (1 = off)")
+	fs.Float64Var(&o.minP, "min-p", 0, "min-p (0 = off)")
+	fs.Float64Var(&o.repPenalty, "rep-penalty", 1.1, "repetition penalty (1 = off)")
+	fs.IntVar(&o.repWindow, "rep-window", 64, "tokens the repetition penalty looks back over (-1 = all)")
+	fs.Int64Var(&o.seed, "seed", 42, "random seed")
+	fs.IntVar(&o.threads, "threads", runtime.NumCPU(), "worker threads")
+	fs.IntVar(&o.ctx, "ctx", 0, "context length (0 = the model's, at most 2048)")
+	fs.StringVar(&o.kvType, "kv-type", "f16", "KV cache precision: f16 (as llama.cpp) or f32")
+	fs.BoolVar(&o.interactive, "interactive", false, "interactive REPL")
+	fs.BoolVar(&o.serve, "serve", false, "run the HTTP server")
+	fs.StringVar(&o.host, "host", "127.0.0.1", "server address")
+	fs.IntVar(&o.port, "port", 8080, "server port")
+	fs.IntVar(&o.parallel, "parallel", 4, "server: concurrent generations (KV-cache sessions)")
+	fs.BoolVar(&o.listTensors, "list-tensors", false, "print metadata and tensors, then exit")
+	fs.BoolVar(&o.tokenize, "tokenize", false, "print the token ids of the prompt (BOS included) and exit")
+	fs.StringVar(&o.tokens, "tokens", "", "int32 .npy of token ids (BOS included) to evaluate")
+	fs.StringVar(&o.dumpLogits, "dump-logits", "", "write float32 logits [T, vocab] for --tokens to this .npy")
+	fs.StringVar(&o.gamma, "gamma", "", "personality gamma .npz to add at load time")
+	fs.Float64Var(&o.alpha, "alpha", 1, "gamma strength")
+	fs.StringVar(&o.lora, "lora", "", "llama.cpp LoRA adapter GGUF to merge at load time")
+	fs.Float64Var(&o.loraScale, "lora-scale", 1, "LoRA scale")
+	if err := fs.Parse(os.Args[1:]); err != nil {
+		if err == flag.ErrHelp {
+			os.Exit(0)
+		}
+		os.Exit(2)
+	}
+	if fs.NArg() > 0 {
+		fatal(fmt.Errorf("unexpected argument %q (see --help)", fs.Arg(0)))
+	}
+	if err := run(&o); err != nil {
+		fatal(err)
+	}
+}
+
+func fatal(err error) {
+	msg := strings.ReplaceAll(err.Error(), "\n", " ")
+	fmt.Fprintf(os.Stderr, "nanollama: error: %s\n", msg)
+	os.Exit(1)
+}
+
+func run(o *options) error {
+	if o.model == "" {
+		return fmt.Errorf("--model is required (see --help)")
+	}
+	if o.listTensors {
+		return listTensors(o.model)
+	}
+	if (o.tokens == "") != (o.dumpLogits == "") {
+		return fmt.Errorf("--tokens and --dump-logits go together")
+	}
+	if o.maxTokens < 0 {
+		return fmt.Errorf("--max-tokens must be ≥ 0")
+	}
+	m, err := LoadModel(o.model, o.threads)
+	if err != nil {
+		return err
+	}
+	if o.gamma != "" {
+		if _, err := m.ApplyGamma(o.gamma, float32(o.alpha)); err != nil {
+			return err
+		}
+	}
+	if o.lora != "" {
+		if _, err := m.ApplyLoRA(o.lora, float32(o.loraScale)); err != nil {
+			return err
+		}
+	}
+	if o.kvType != "f16" && o.kvType != "f32" {
+		return fmt.Errorf("--kv-type must be f16 or f32, not %q", o.kvType)
+	}
+	ctx := o.ctx
+	if ctx <= 0 {
+		ctx = 2048
+	}
+	if o.tokens != "" {
+		return dumpLogits(m, o.tokens, o.dumpLogits, o.kvType == "f32")
+	}
+	tok, err := NewTokenizer(m.File)
+	if err != nil {
+		return fmt.Errorf("%s: %v", o.model, err)
+	}
+	m.Tok = tok
+	smp := SamplerConfig{Temp: float32(o.temp), TopK: o.topK, TopP: float32(o.topP), MinP: float32(o.minP),
+		RepPenalty: float32(o.repPenalty), RepWindow: o.repWindow, Seed: o.seed}
+	if o.serve {
+		return serve(m, o, smp, ctx)
+	}
+	s := m.NewSession(ctx, o.kvType == "f32")
+	if o.interactive {
+		return repl(m, s, o, smp)
+	}
+	prompt := o.prompt
+	if prompt == "" && !o.tokenize || o.tokenize && o.prompt == "" {
+		st, err := os.Stdin.Stat()
+		if err != nil || st.Mode()&os.ModeCharDevice != 0 {
+			return fmt.Errorf("no prompt: use --prompt, --interactive or --serve, or pipe text on stdin")
+		}
+		b, err := io.ReadAll(io.LimitReader(os.Stdin, 16<<20))
+		if err != nil {
+			return fmt.Errorf("reading stdin: %v", err)
+		}
+		prompt = strings.TrimRight(string(b), "\n")
+	}
+	ids := tok.Encode(prompt, true)
+	if o.tokenize {
+		parts := make([]string, len(ids))
+		for i, id := range ids {
+			parts[i] = fmt.Sprint(id)
+		}
+		fmt.Println(strings.Join(parts, " "))
+		return nil
+	}
+	out := bufio.NewWriter(os.Stdout)
+	stats, err := Generate(s, tok, ids, o.maxTokens, NewSampler(smp), func(t string) bool {
+		out.WriteString(t)
+		out.Flush()
+		return true
+	})
+	out.WriteString("\n")
+	out.Flush()
+	if err != nil {
+		return err
+	}
+	fmt.Fprintln(os.Stderr, stats)
+	return nil
+}
+
+func repl(m *Model, s *Session, o *options, cfg SamplerConfig) error {
+	in := bufio.NewScanner(os.Stdin)
+	in.Buffer(make([]byte, 1<<20), 1<<20)
+	smp := NewSampler(cfg)
+	fmt.Fprintln(os.Stderr, m.String())
+	fmt.Fprintln(os.Stderr, "type a prompt and press enter; /reset clears the context, /quit or Ctrl-D exits")
+	var hist []int32
+	for {
+		fmt.Fprint(os.Stderr, "> ")
+		if !in.Scan() {
+			fmt.Fprintln(os.Stderr)
+			return in.Err()
+		}
+		line := in.Text()
+		switch strings.TrimSpace(line) {
+		case "":
+			continue
+		case "/quit", "/exit":
+			return nil
+		case "/reset":
+			hist = hist[:0]
+			s.Reset()
+			continue
+		}
+		ids := m.Tok.Encode(line, len(hist) == 0)
+		prompt := append(append([]int32{}, hist...), ids...)
+		if len(prompt)+o.maxTokens >= s.Ctx {
+			prompt, hist = m.Tok.Encode(line, true), nil
+		}
+		st, err := Generate(s, m.Tok, prompt, o.maxTokens, smp, func(t string) bool {
+			fmt.Print(t)
+			return true
+		})
+		fmt.Println()
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "nanollama: error:", err)
+			continue
+		}
+		hist = append(hist[:0], s.hist...)
+		fmt.Fprintln(os.Stderr, st)
+	}
+}
+
+func dumpLogits(m *Model, in, out string, kvF32 bool) error {
+	ids, err := ReadTokensNpy(in)
+	if err != nil {
+		return err
+	}
+	if len(ids) == 0 {
+		return fmt.Errorf("%s: no tokens", in)
+	}
+	if len(ids) > m.Cfg.CtxLen {
+		return fmt.Errorf("%s: %d tokens exceed the model's context length %d", in, len(ids), m.Cfg.CtxLen)
+	}
+	s := m.NewSession(len(ids), kvF32)
+	all := make([]float32, len(ids)*m.Cfg.Vocab)
+	if _, err := s.Forward(ids, all); err != nil {
+		return fmt.Errorf("%s: %v", in, err)
+	}
+	if err := WriteF32Npy(out, all, len(ids), m.Cfg.Vocab); err != nil {
+		return fmt.Errorf("%s: %v", out, err)
+	}
+	return nil
+}
+
+func listTensors(path string) error {
+	g, err := OpenGGUF(path)
+	if err != nil {
+		return err
+	}
+	defer g.Close()
+	fmt.Printf("%s: GGUF v%d, %d metadata keys, %d tensors\n", path, g.Version, len(g.Meta), len(g.Tensors))
+	for _, k := range g.MetaKeys {
+		fmt.Printf("  %-45s %s\n", k, describeMeta(g.Meta[k]))
+	}
+	var total uint64
+	for _, t := range g.Tensors {
+		fmt.Printf("  %-32s %-6s %v\n", t.Name, t.Type, t.Dims)
+		total += t.NumElements()
+	}
+	fmt.Printf("total parameters: %d\n", total)
+	return nil
+}

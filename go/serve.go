@@ -1,0 +1,3 @@
+package main
+
+func serve(m *Model, o *options, smp SamplerConfig, ctx int) error { return nil }
