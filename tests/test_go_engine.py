@@ -218,3 +218,130 @@ def test_tokenizer_matches_llama_cpp(engine, f32_model):
             run(engine, "--model", f32_model, "--tokenize", input=text.encode())
         got = [int(x) for x in r.stdout.split()]
         assert got == want, f"{text!r}: go {got} != llama.cpp {want}"
+
+
+# ---- the HTTP server ------------------------------------------------------------------
+
+import http.client  # noqa: E402
+import json  # noqa: E402
+import socket  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(engine, f32_model):
+    port = free_port()
+    proc = subprocess.Popen([str(engine), "--model", str(f32_model), "--serve", "--host", "127.0.0.1",
+                             "--port", str(port), "--parallel", "4", "--threads", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        for _ in range(100):  # up to ~10 s
+            if proc.poll() is not None:
+                raise AssertionError("server exited: " + proc.stderr.read().decode())
+            try:
+                status, _ = request(port, "GET", "/health")
+                if status == 200:
+                    break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            raise AssertionError("server did not come up")
+        yield port
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def request(port, method, path, body=None, raw: bytes | None = None, timeout=60):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def sse_events(payload: bytes):
+    events = [e for e in payload.decode().split("\n\n") if e.strip()]
+    assert all(e.startswith("data: ") for e in events), events
+    assert events[-1] == "data: [DONE]"
+    return [json.loads(e[6:]) for e in events[:-1]]
+
+
+def test_server_page_and_health(server):
+    status, body = request(server, "GET", "/")
+    assert status == 200 and b"<html" in body and b"/v1/chat/completions" in body
+    status, body = request(server, "GET", "/health")
+    assert status == 200 and json.loads(body)["status"] == "ok"
+
+
+def test_server_stream_matches_non_stream(server):
+    req = {"prompt": "The quick brown fox", "max_tokens": 24, "temperature": 0.9, "top_k": 40,
+           "top_p": 0.95, "seed": 1234}
+    status, body = request(server, "POST", "/v1/completions", req)
+    assert status == 200, body
+    full = json.loads(body)
+    text = full["choices"][0]["text"]
+    assert full["usage"]["completion_tokens"] > 1 and text
+    status, body = request(server, "POST", "/v1/completions", {**req, "stream": True})
+    assert status == 200
+    events = sse_events(body)
+    pieces = [e["choices"][0]["text"] for e in events]
+    assert len([p for p in pieces if p]) > 1
+    assert "".join(pieces) == text
+    assert events[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+    chat = {"messages": [{"role": "user", "content": "Hello there, model!"}], "max_tokens": 16,
+            "temperature": 0.7, "seed": 99}
+    status, body = request(server, "POST", "/v1/chat/completions", chat)
+    assert status == 200, body
+    content = json.loads(body)["choices"][0]["message"]["content"]
+    status, body = request(server, "POST", "/v1/chat/completions", {**chat, "stream": True})
+    events = sse_events(body)
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == content
+
+
+def test_server_concurrent_requests(server):
+    reqs = [{"prompt": f"Request number {i}: the", "max_tokens": 12, "temperature": 0.8, "seed": i}
+            for i in range(8)]
+    want = []
+    for r in reqs:
+        status, body = request(server, "POST", "/v1/completions", r)
+        assert status == 200
+        want.append(json.loads(body)["choices"][0]["text"])
+    got = [None] * 8
+
+    def worker(i):
+        status, body = request(server, "POST", "/v1/completions", reqs[i])
+        got[i] = (status, json.loads(body)["choices"][0]["text"] if status == 200 else body)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert all(g is not None and g[0] == 200 for g in got), got
+    assert [g[1] for g in got] == want
+
+
+def test_server_rejects_bad_requests_and_keeps_serving(server):
+    status, body = request(server, "POST", "/v1/completions", raw=b'{"prompt": "unterminated')
+    assert status == 400 and json.loads(body)["error"]["message"]
+    status, body = request(server, "POST", "/v1/chat/completions", raw=b"not json at all")
+    assert status == 400 and "JSON" in json.loads(body)["error"]["message"]
+    status, body = request(server, "POST", "/v1/completions",
+                           raw=json.dumps({"prompt": "x" * (2 << 20)}).encode())
+    assert status == 413
+    status, body = request(server, "POST", "/v1/completions", {"prompt": "hi", "max_tokens": 10**9})
+    assert status == 400
+    status, body = request(server, "POST", "/v1/completions", {"prompt": "Still alive?", "max_tokens": 4})
+    assert status == 200 and json.loads(body)["choices"][0]["finish_reason"] in ("stop", "length")
