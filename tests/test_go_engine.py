@@ -345,3 +345,174 @@ def test_server_rejects_bad_requests_and_keeps_serving(server):
     assert status == 400
     status, body = request(server, "POST", "/v1/completions", {"prompt": "Still alive?", "max_tokens": 4})
     assert status == 200 and json.loads(body)["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+# ---- personality: gamma .npz and LoRA adapters -------------------------------------------
+
+N_HEAD, N_KV = 4, 2
+
+
+def hf_to_gguf_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's HF-converter permutation of Q/K rows (half-split → interleaved)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+SD_NAMES = {"attn_norm": "attn_norm.weight", "ffn_norm": "ffn_norm.weight", "attn_q": "attn.c_q.weight",
+            "attn_k": "attn.c_k.weight", "attn_v": "attn.c_v.weight", "attn_output": "attn.c_proj.weight",
+            "ffn_gate": "ffn.gate_proj.weight", "ffn_up": "ffn.up_proj.weight", "ffn_down": "ffn.down_proj.weight"}
+
+
+def write_gamma(path: Path, params: dict, rng, vpad: int) -> dict:
+    """A sparse gamma in the reference layout; returns the dense deltas by GGUF
+    name (f16-rounded, Q/K permuted, padded vocab rows dropped)."""
+    arrays, deltas, names = {}, {}, []
+    for name, base in params.items():
+        if name == "token_embd.weight":
+            key, shape = "tok_embeddings.weight", (vpad, base.shape[1])
+        elif name == "output.weight":
+            key, shape = "output.weight", (vpad, base.shape[1])
+        elif name == "output_norm.weight":
+            key, shape = "norm.weight", base.shape
+        else:
+            _, i, kind, _ = name.split(".")
+            key, shape = f"layers.{i}.{SD_NAMES[kind]}", base.shape
+        dense = np.zeros(shape, np.float32)
+        mask = rng.random(shape) < 0.3
+        dense[mask] = (rng.standard_normal(mask.sum()) * 0.05).astype(np.float16).astype(np.float32)
+        idx = np.nonzero(dense)
+        for d, ix in enumerate(idx):
+            arrays[f"{key}.indices_{d}"] = ix.astype(np.int32)
+        arrays[f"{key}.values"] = dense[idx].astype(np.float16)
+        arrays[f"{key}.shape"] = np.array(shape, np.int64)
+        names.append(key)
+        delta = dense[: base.shape[0]] if dense.ndim == 2 else dense
+        if key.endswith("c_q.weight"):
+            delta = hf_to_gguf_rows(delta, N_HEAD)
+        elif key.endswith("c_k.weight"):
+            delta = hf_to_gguf_rows(delta, N_KV)
+        deltas[name] = delta
+    arrays["_metadata.layer_names"] = np.array(names)
+    arrays["_metadata.total_norm"] = np.array(1.0, np.float32)
+    np.savez(path, **arrays)
+    return deltas
+
+
+def test_gamma_matches_injected_model(engine, work, params, vocab, prompt_ids, tmp_path):
+    rng = np.random.default_rng(3)
+    base = F.write_model(work / "gamma_base.gguf", params, vocab)
+    deltas = write_gamma(work / "gamma.npz", params, rng, vpad=640)
+    alpha = 0.7
+    injected = {k: v + alpha * deltas[k] for k, v in params.items()}
+    inj = F.write_model(work / "gamma_injected.gguf", injected, vocab)
+    ref = cpp_logits(inj, prompt_ids, type_k=0, type_v=0)
+    got = go_logits(engine, base, prompt_ids, tmp_path, "--kv-type", "f32",
+                    "--gamma", work / "gamma.npz", "--alpha", alpha)
+    plain = go_logits(engine, base, prompt_ids, tmp_path, "--kv-type", "f32")
+    diff = np.abs(got - ref).max()
+    print(f"gamma: max|diff| vs injected GGUF in llama.cpp = {diff:.2e} (gamma moves logits by "
+          f"{np.abs(plain - ref).max():.2f})")
+    assert diff <= 1e-3
+    assert np.abs(plain - ref).max() > 0.1  # the gamma really changed something
+
+
+def test_lora_matches_injected_model(engine, work, params, vocab, prompt_ids, tmp_path):
+    rng = np.random.default_rng(4)
+    base = F.write_model(work / "lora_base.gguf", params, vocab)
+    r, lora_alpha, scale = 4, 8.0, 0.5
+    w = gguf.GGUFWriter(str(work / "adapter.gguf"), "llama")
+    w.add_string("general.type", "adapter")
+    w.add_string("adapter.type", "lora")
+    w.add_float32("adapter.lora.alpha", lora_alpha)
+    injected = dict(params)
+    for name in sorted(params):
+        if any(t in name for t in ("attn_q", "attn_v", "attn_output", "ffn_down", "ffn_gate")):
+            out_dim, in_dim = params[name].shape
+            a = (rng.standard_normal((r, in_dim)) / np.sqrt(in_dim)).astype(np.float32)
+            b = (rng.standard_normal((out_dim, r)) * 0.1).astype(np.float32)
+            w.add_tensor(name + ".lora_a", a)
+            w.add_tensor(name + ".lora_b", b)
+            injected[name] = params[name] + scale * lora_alpha / r * (b @ a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    inj = F.write_model(work / "lora_injected.gguf", injected, vocab)
+    ref = cpp_logits(inj, prompt_ids, type_k=0, type_v=0)
+    got = go_logits(engine, base, prompt_ids, tmp_path, "--kv-type", "f32",
+                    "--lora", work / "adapter.gguf", "--lora-scale", scale)
+    diff = np.abs(got - ref).max()
+    print(f"LoRA: max|diff| vs injected GGUF in llama.cpp = {diff:.2e}")
+    assert diff <= 1e-3
+    # llama.cpp applying the same adapter itself agrees too.
+    llm = llama_cpp.Llama(model_path=str(base), lora_path=str(work / "adapter.gguf"), lora_scale=scale,
+                          logits_all=True, n_ctx=512, n_threads=2, verbose=False, type_k=0, type_v=0)
+    try:
+        llm.eval(list(prompt_ids))
+        cpp_lora = np.array(llm.scores[: len(prompt_ids)], dtype=np.float32)
+    finally:
+        llm.close()
+    print(f"LoRA: max|diff| vs llama.cpp --lora = {np.abs(got - cpp_lora).max():.2e}")
+    assert np.abs(got - cpp_lora).max() <= 1e-2
+
+
+# ---- bad input: one clear line, non-zero exit -------------------------------------------
+
+def assert_one_line_error(r, *needles):
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_corrupt_inputs_fail_clearly(engine, work, f32_model, params, vocab, tmp_path):
+    data = f32_model.read_bytes()
+    trunc = tmp_path / "truncated.gguf"
+    trunc.write_bytes(data[: len(data) // 2])
+    assert_one_line_error(run(engine, "--model", trunc, "--prompt", "hi", check=False), "truncated.gguf", "truncated")
+    head = tmp_path / "head.gguf"
+    head.write_bytes(data[:100])
+    assert_one_line_error(run(engine, "--model", head, "--prompt", "hi", check=False), "head.gguf", "truncated")
+    bad = tmp_path / "badmagic.gguf"
+    bad.write_bytes(b"GGML" + data[4:])
+    assert_one_line_error(run(engine, "--model", bad, "--prompt", "hi", check=False), "badmagic.gguf", "magic")
+    # An unknown tensor type id: patch output_norm's type field to 99.
+    name = b"output_norm.weight"
+    i = data.index(name) + len(name)
+    n_dims = int.from_bytes(data[i:i + 4], "little")
+    t = i + 4 + 8 * n_dims
+    unk = tmp_path / "unknown_type.gguf"
+    unk.write_bytes(data[:t] + (99).to_bytes(4, "little") + data[t + 4:])
+    assert_one_line_error(run(engine, "--model", unk, "--prompt", "hi", check=False),
+                          "unknown_type.gguf", "output_norm.weight", "unknown type 99")
+    # A known type this engine does not implement (Q2_K).
+    rng = np.random.default_rng(0)
+    w = params["blk.0.ffn_up.weight"]
+    q2k = F.write_model(tmp_path / "q2k.gguf", params, vocab,
+                        raw={"blk.0.ffn_up.weight": (rng.integers(0, 256, (w.shape[0], w.shape[1] // 256 * 84),
+                                                                  dtype=np.uint8), Q.Q2_K)})
+    assert_one_line_error(run(engine, "--model", q2k, "--prompt", "hi", check=False), "q2k.gguf", "Q2_K", "not support")
+    notok = F.write_model(tmp_path / "notok.gguf", params, vocab, tokenizer=False)
+    assert_one_line_error(run(engine, "--model", notok, "--prompt", "hi", check=False), "notok.gguf", "tokenizer")
+    assert_one_line_error(run(engine, "--model", tmp_path / "missing.gguf", "--prompt", "hi", check=False),
+                          "missing.gguf")
+    np.save(tmp_path / "bad_ids.npy", np.array([1, 10**6], np.int32))
+    assert_one_line_error(run(engine, "--model", f32_model, "--tokens", tmp_path / "bad_ids.npy",
+                              "--dump-logits", tmp_path / "o.npy", check=False), "bad_ids.npy", "out of range")
+    assert not (tmp_path / "o.npy").exists()
+    assert_one_line_error(run(engine, "--model", f32_model, "--gamma", tmp_path / "bad_ids.npy",
+                              "--prompt", "hi", check=False), "bad_ids.npy")
+
+
+def test_cli_modes(engine, f32_model):
+    r = run(engine, "--help")
+    assert "Example" in r.stderr + r.stdout and "--model" in r.stderr + r.stdout
+    r = run(engine, "--model", f32_model, "--list-tensors")
+    assert "blk.1.ffn_down.weight" in r.stdout and "tokenizer.ggml.model" in r.stdout
+    r = run(engine, "--model", f32_model, "--max-tokens", 8, "--seed", 3, input=b"The quick brown fox")
+    assert "tok/s" in r.stderr
+    r2 = run(engine, "--model", f32_model, "--max-tokens", 8, "--seed", 3, "--prompt", "The quick brown fox")
+    assert r.stdout == r2.stdout  # stdin and --prompt agree; seeded sampling is reproducible
+    r = run(engine, "--model", f32_model, "--interactive", "--max-tokens", 4, "--temp", 0,
+            input=b"hello\n/reset\nworld\n/quit\n")
+    assert r.stderr.count(" tokens in ") == 2
