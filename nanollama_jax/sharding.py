@@ -37,14 +37,15 @@ RULES: tuple[tuple[str, str | None], ...] = (
 
 
 def parse_mesh(spec: str | None, n_devices: int) -> tuple[int, int]:
-    """'FxT' -> (F, T); None -> all devices on fsdp."""
+    """'FxT' -> (F, T); None -> all devices on fsdp. A single process may use fewer devices than it
+    has; several processes must use them all."""
     if spec is None:
         return n_devices, 1
     try:
         fsdp, tensor = (int(s) for s in spec.lower().split("x"))
     except ValueError:
         raise ValueError(f"--mesh takes FSDPxTENSOR, e.g. 4x1 or 2x2; got {spec!r}") from None
-    if fsdp < 1 or tensor < 1 or fsdp * tensor != n_devices:
+    if fsdp < 1 or tensor < 1 or fsdp * tensor > n_devices or (jax.process_count() > 1 and fsdp * tensor != n_devices):
         raise ValueError(f"--mesh {spec} needs {fsdp * tensor} devices but {n_devices} are available")
     return fsdp, tensor
 
@@ -52,7 +53,7 @@ def parse_mesh(spec: str | None, n_devices: int) -> tuple[int, int]:
 def make_mesh(spec: str | None = None, devices=None) -> Mesh:
     devices = jax.devices() if devices is None else devices
     shape = parse_mesh(spec, len(devices))
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+    return Mesh(np.asarray(devices[: shape[0] * shape[1]]).reshape(shape), MESH_AXES)
 
 
 def mesh_spec(logical: P, shape: tuple[int, ...], mesh: Mesh) -> P:

@@ -105,7 +105,7 @@ def make_train_step(plan: Plan, tx: optax.GradientTransformation):
         grads = jax.tree_util.tree_map(lambda g: g / plan.accum, grads)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, {"loss": jnp.mean(losses),
-                                                                  "grad_norm": optax.global_norm(grads)}
+                                                                  "grad_norm": optax.tree.norm(grads)}
 
     return step
 

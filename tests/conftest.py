@@ -18,3 +18,20 @@ def mha_config():
 @pytest.fixture(scope="session")
 def gqa_config():
     return LlamaConfig(n_layer=3, n_embd=256, n_head=4, n_kv_head=2, vocab_size=512, sequence_len=128)
+
+
+@pytest.fixture(scope="session")
+def text_data(tmp_path_factory):
+    """A small prepared corpus (vocab 512) made from the interpreter's own help topics."""
+    import subprocess
+    import sys
+
+    from pydoc_data.topics import topics
+
+    src = tmp_path_factory.mktemp("corpus")
+    for i, name in enumerate(sorted(topics)):
+        (src / f"doc{i:03d}.txt").write_text(topics[name])
+    out = tmp_path_factory.mktemp("data") / "prepared"
+    subprocess.run([sys.executable, "-m", "data.prepare", "--input", str(src), "--output", str(out),
+                    "--vocab-size", "512", "--quiet"], check=True)
+    return out
