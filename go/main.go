@@ -35,7 +35,7 @@ type options struct {
 	topK, repWindow, threads, ctx   int
 	seed                            int64
 	interactive, serve, listTensors bool
-	tokenize                        bool
+	tokenize, ignoreEOS             bool
 	host                            string
 	port, parallel                  int
 	tokens, dumpLogits, kvType      string
@@ -71,7 +71,8 @@ func main() {
 	fs.IntVar(&o.parallel, "parallel", 4, "server: concurrent generations (KV-cache sessions)")
 	fs.BoolVar(&o.listTensors, "list-tensors", false, "print metadata and tensors, then exit")
 	fs.BoolVar(&o.tokenize, "tokenize", false, "print the token ids of the prompt (BOS included) and exit")
-	fs.StringVar(&o.tokens, "tokens", "", "int32 .npy of token ids (BOS included) to evaluate")
+	fs.StringVar(&o.tokens, "tokens", "", "int32 .npy of token ids (BOS included): the prompt, or the input of --dump-logits")
+	fs.BoolVar(&o.ignoreEOS, "ignore-eos", false, "keep generating past end-of-generation tokens (benchmarks)")
 	fs.StringVar(&o.dumpLogits, "dump-logits", "", "write float32 logits [T, vocab] for --tokens to this .npy")
 	fs.StringVar(&o.gamma, "gamma", "", "personality gamma .npz to add at load time")
 	fs.Float64Var(&o.alpha, "alpha", 1, "gamma strength")
@@ -104,8 +105,8 @@ func run(o *options) error {
 	if o.listTensors {
 		return listTensors(o.model)
 	}
-	if (o.tokens == "") != (o.dumpLogits == "") {
-		return fmt.Errorf("--tokens and --dump-logits go together")
+	if o.dumpLogits != "" && o.tokens == "" {
+		return fmt.Errorf("--dump-logits needs --tokens IDS.npy")
 	}
 	if o.maxTokens < 0 {
 		return fmt.Errorf("--max-tokens must be ≥ 0")
@@ -131,7 +132,7 @@ func run(o *options) error {
 	if ctx <= 0 {
 		ctx = 2048
 	}
-	if o.tokens != "" {
+	if o.dumpLogits != "" {
 		return dumpLogits(m, o.tokens, o.dumpLogits, o.kvType == "f32")
 	}
 	tok, err := NewTokenizer(m.File)
@@ -139,6 +140,7 @@ func run(o *options) error {
 		return fmt.Errorf("%s: %v", o.model, err)
 	}
 	m.Tok = tok
+	tok.IgnoreEOS = o.ignoreEOS
 	smp := SamplerConfig{Temp: float32(o.temp), TopK: o.topK, TopP: float32(o.topP), MinP: float32(o.minP),
 		RepPenalty: float32(o.repPenalty), RepWindow: o.repWindow, Seed: o.seed}
 	if o.serve {
@@ -148,8 +150,14 @@ func run(o *options) error {
 	if o.interactive {
 		return repl(m, s, o, smp)
 	}
+	var ids []int32
+	if o.tokens != "" {
+		if ids, err = ReadTokensNpy(o.tokens); err != nil {
+			return err
+		}
+	}
 	prompt := o.prompt
-	if prompt == "" && !o.tokenize || o.tokenize && o.prompt == "" {
+	if ids == nil && (prompt == "" && !o.tokenize || o.tokenize && o.prompt == "") {
 		st, err := os.Stdin.Stat()
 		if err != nil || st.Mode()&os.ModeCharDevice != 0 {
 			return fmt.Errorf("no prompt: use --prompt, --interactive or --serve, or pipe text on stdin")
@@ -160,7 +168,9 @@ func run(o *options) error {
 		}
 		prompt = strings.TrimRight(string(b), "\n")
 	}
-	ids := tok.Encode(prompt, true)
+	if ids == nil {
+		ids = tok.Encode(prompt, true)
+	}
 	if o.tokenize {
 		parts := make([]string, len(ids))
 		for i, id := range ids {

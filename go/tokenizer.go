@@ -35,6 +35,7 @@ type Tokenizer struct {
 	byteTok        [256]int32 // SPM byte-fallback ids (-1: none)
 	userDefined    []string   // longest first
 	EOT            int32
+	IgnoreEOS      bool // IsEOG always false (benchmarks)
 }
 
 // NewTokenizer reads tokenizer.ggml.* metadata.
@@ -158,7 +159,7 @@ func NewTokenizer(g *GGUFFile) (*Tokenizer, error) {
 
 // IsEOG reports whether id ends generation.
 func (t *Tokenizer) IsEOG(id int32) bool {
-	return id == t.EOS || (t.EOT >= 0 && id == t.EOT)
+	return !t.IgnoreEOS && (id == t.EOS || (t.EOT >= 0 && id == t.EOT))
 }
 
 // Encode tokenizes text as llama.cpp's llama_tokenize(text, add_special,
