@@ -378,6 +378,7 @@ type QAct struct {
 	d     []float32 // one scale per block
 	s     []float32 // actQ8_1: d*sum(qs) per block
 	bsums []int32   // actQ8_K: sums of 16-element groups
+	isum  []int32   // actQ8_0/actQ8_1: sum of each block's quants
 }
 
 func newQAct(maxRows, maxCols int) *QAct {
@@ -387,6 +388,7 @@ func newQAct(maxRows, maxCols int) *QAct {
 		d:     make([]float32, maxRows*maxCols/32),
 		s:     make([]float32, maxRows*maxCols/32),
 		bsums: make([]int32, maxRows*maxCols/16),
+		isum:  make([]int32, maxRows*maxCols/32),
 	}
 }
 
@@ -409,7 +411,7 @@ func (a *QAct) prepare(t GGMLType, x []float32, rows, cols int) {
 		}
 	case actQ8_0, actQ8_1:
 		for b := 0; b < n/32; b++ {
-			quantQ8Block(x[b*32:b*32+32], a.qs[b*32:b*32+32], &a.d[b], &a.s[b])
+			a.isum[b] = quantQ8Block(x[b*32:b*32+32], a.qs[b*32:b*32+32], &a.d[b], &a.s[b])
 		}
 	case actQ8_K:
 		for b := 0; b < n/256; b++ {
@@ -420,7 +422,7 @@ func (a *QAct) prepare(t GGMLType, x []float32, rows, cols int) {
 
 // quantQ8Block quantises 32 values like ggml's quantize_row_q8_0/q8_1
 // (scale stored as fp16; s = d*sum for Q8_1, also fp16).
-func quantQ8Block(x []float32, qs []int8, d, s *float32) {
+func quantQ8Block(x []float32, qs []int8, d, s *float32) int32 {
 	x = x[:32]
 	qs = qs[:32]
 	var amax float32
@@ -445,6 +447,7 @@ func quantQ8Block(x []float32, qs []int8, d, s *float32) {
 	}
 	*d = f16Table[f32ToF16(dd)]
 	*s = f16Table[f32ToF16(float32(sum)*dd)]
+	return sum
 }
 
 // quantQ8KBlock quantises 256 values like ggml's quantize_row_q8_K_ref.
@@ -503,7 +506,7 @@ func dotRow(t GGMLType, w []byte, a *QAct, r int) float32 {
 	case TypeQ8_0:
 		return dotQ8_0(w, a.qs[r*c:r*c+c], a.d[r*c/32:(r+1)*c/32])
 	case TypeQ4_0:
-		return dotQ4_0(w, a.qs[r*c:r*c+c], a.d[r*c/32:(r+1)*c/32])
+		return dotQ4_0(w, a.qs[r*c:r*c+c], a.d[r*c/32:(r+1)*c/32], a.isum[r*c/32:(r+1)*c/32])
 	case TypeQ5_0:
 		return dotQ5_0(w, a.qs[r*c:r*c+c], a.d[r*c/32:(r+1)*c/32])
 	case TypeQ4_1:
@@ -583,15 +586,13 @@ func dotBF16(w []uint16, x []float32) float32 {
 	return (s0 + s1) + (s2 + s3)
 }
 
-// dot32 is the integer inner product of two 32-element int8 vectors.
+// dot32 is the integer inner product of two 32-element int8 vectors,
+// unrolled (Go does not vectorise loops).
 func dot32(a *[32]int8, b *[32]int8) int32 {
-	var s0, s1, s2, s3 int32
-	for j := 0; j < 32; j += 4 {
-		s0 += int32(a[j]) * int32(b[j])
-		s1 += int32(a[j+1]) * int32(b[j+1])
-		s2 += int32(a[j+2]) * int32(b[j+2])
-		s3 += int32(a[j+3]) * int32(b[j+3])
-	}
+	s0 := int32(a[0])*int32(b[0]) + int32(a[1])*int32(b[1]) + int32(a[2])*int32(b[2]) + int32(a[3])*int32(b[3]) + int32(a[4])*int32(b[4]) + int32(a[5])*int32(b[5]) + int32(a[6])*int32(b[6]) + int32(a[7])*int32(b[7])
+	s1 := int32(a[8])*int32(b[8]) + int32(a[9])*int32(b[9]) + int32(a[10])*int32(b[10]) + int32(a[11])*int32(b[11]) + int32(a[12])*int32(b[12]) + int32(a[13])*int32(b[13]) + int32(a[14])*int32(b[14]) + int32(a[15])*int32(b[15])
+	s2 := int32(a[16])*int32(b[16]) + int32(a[17])*int32(b[17]) + int32(a[18])*int32(b[18]) + int32(a[19])*int32(b[19]) + int32(a[20])*int32(b[20]) + int32(a[21])*int32(b[21]) + int32(a[22])*int32(b[22]) + int32(a[23])*int32(b[23])
+	s3 := int32(a[24])*int32(b[24]) + int32(a[25])*int32(b[25]) + int32(a[26])*int32(b[26]) + int32(a[27])*int32(b[27]) + int32(a[28])*int32(b[28]) + int32(a[29])*int32(b[29]) + int32(a[30])*int32(b[30]) + int32(a[31])*int32(b[31])
 	return (s0 + s1) + (s2 + s3)
 }
 
@@ -609,21 +610,19 @@ func dotQ8_0(w []byte, qs []int8, d []float32) float32 {
 	return sum
 }
 
-func dotQ4_0(w []byte, qs []int8, d []float32) float32 {
+func dotQ4_0(w []byte, qs []int8, d []float32, ysum []int32) float32 {
 	nb := len(d)
 	w = w[:nb*18]
 	qs = qs[:nb*32]
+	ysum = ysum[:nb]
 	var sum float32
 	for b := 0; b < nb; b++ {
 		blk := (*[18]byte)(w[b*18 : b*18+18])
+		q := (*[16]byte)(blk[2:18])
 		y := (*[32]int8)(qs[b*32 : b*32+32])
-		var s0, s1 int32
-		for j := 0; j < 16; j += 2 {
-			q0, q1 := blk[2+j], blk[3+j]
-			s0 += (int32(q0&15)-8)*int32(y[j]) + (int32(q0>>4)-8)*int32(y[j+16])
-			s1 += (int32(q1&15)-8)*int32(y[j+1]) + (int32(q1>>4)-8)*int32(y[j+17])
-		}
-		sum += f16Table[uint16(blk[0])|uint16(blk[1])<<8] * d[b] * float32(s0+s1)
+		s0 := int32(q[0]&15)*int32(y[0]) + int32(q[1]&15)*int32(y[1]) + int32(q[2]&15)*int32(y[2]) + int32(q[3]&15)*int32(y[3]) + int32(q[4]&15)*int32(y[4]) + int32(q[5]&15)*int32(y[5]) + int32(q[6]&15)*int32(y[6]) + int32(q[7]&15)*int32(y[7]) + int32(q[8]&15)*int32(y[8]) + int32(q[9]&15)*int32(y[9]) + int32(q[10]&15)*int32(y[10]) + int32(q[11]&15)*int32(y[11]) + int32(q[12]&15)*int32(y[12]) + int32(q[13]&15)*int32(y[13]) + int32(q[14]&15)*int32(y[14]) + int32(q[15]&15)*int32(y[15])
+		s1 := int32(q[0]>>4)*int32(y[16]) + int32(q[1]>>4)*int32(y[17]) + int32(q[2]>>4)*int32(y[18]) + int32(q[3]>>4)*int32(y[19]) + int32(q[4]>>4)*int32(y[20]) + int32(q[5]>>4)*int32(y[21]) + int32(q[6]>>4)*int32(y[22]) + int32(q[7]>>4)*int32(y[23]) + int32(q[8]>>4)*int32(y[24]) + int32(q[9]>>4)*int32(y[25]) + int32(q[10]>>4)*int32(y[26]) + int32(q[11]>>4)*int32(y[27]) + int32(q[12]>>4)*int32(y[28]) + int32(q[13]>>4)*int32(y[29]) + int32(q[14]>>4)*int32(y[30]) + int32(q[15]>>4)*int32(y[31])
+		sum += f16Table[uint16(blk[0])|uint16(blk[1])<<8] * d[b] * float32(s0+s1-8*ysum[b])
 	}
 	return sum
 }
@@ -714,12 +713,8 @@ func dotQ4_K(w []byte, qs []int8, d []float32, bsums []int32) float32 {
 			q := (*[32]byte)(blk[16+32*i : 48+32*i])
 			y0 := (*[32]int8)(y[64*i : 64*i+32])
 			y1 := (*[32]int8)(y[64*i+32 : 64*i+64])
-			var s0, s1 int32
-			for l := 0; l < 32; l += 2 {
-				a, c := q[l], q[l+1]
-				s0 += int32(a&15)*int32(y0[l]) + int32(c&15)*int32(y0[l+1])
-				s1 += int32(a>>4)*int32(y1[l]) + int32(c>>4)*int32(y1[l+1])
-			}
+			s0 := int32(q[0]&15)*int32(y0[0]) + int32(q[1]&15)*int32(y0[1]) + int32(q[2]&15)*int32(y0[2]) + int32(q[3]&15)*int32(y0[3]) + int32(q[4]&15)*int32(y0[4]) + int32(q[5]&15)*int32(y0[5]) + int32(q[6]&15)*int32(y0[6]) + int32(q[7]&15)*int32(y0[7]) + int32(q[8]&15)*int32(y0[8]) + int32(q[9]&15)*int32(y0[9]) + int32(q[10]&15)*int32(y0[10]) + int32(q[11]&15)*int32(y0[11]) + int32(q[12]&15)*int32(y0[12]) + int32(q[13]&15)*int32(y0[13]) + int32(q[14]&15)*int32(y0[14]) + int32(q[15]&15)*int32(y0[15]) + int32(q[16]&15)*int32(y0[16]) + int32(q[17]&15)*int32(y0[17]) + int32(q[18]&15)*int32(y0[18]) + int32(q[19]&15)*int32(y0[19]) + int32(q[20]&15)*int32(y0[20]) + int32(q[21]&15)*int32(y0[21]) + int32(q[22]&15)*int32(y0[22]) + int32(q[23]&15)*int32(y0[23]) + int32(q[24]&15)*int32(y0[24]) + int32(q[25]&15)*int32(y0[25]) + int32(q[26]&15)*int32(y0[26]) + int32(q[27]&15)*int32(y0[27]) + int32(q[28]&15)*int32(y0[28]) + int32(q[29]&15)*int32(y0[29]) + int32(q[30]&15)*int32(y0[30]) + int32(q[31]&15)*int32(y0[31])
+			s1 := int32(q[0]>>4)*int32(y1[0]) + int32(q[1]>>4)*int32(y1[1]) + int32(q[2]>>4)*int32(y1[2]) + int32(q[3]>>4)*int32(y1[3]) + int32(q[4]>>4)*int32(y1[4]) + int32(q[5]>>4)*int32(y1[5]) + int32(q[6]>>4)*int32(y1[6]) + int32(q[7]>>4)*int32(y1[7]) + int32(q[8]>>4)*int32(y1[8]) + int32(q[9]>>4)*int32(y1[9]) + int32(q[10]>>4)*int32(y1[10]) + int32(q[11]>>4)*int32(y1[11]) + int32(q[12]>>4)*int32(y1[12]) + int32(q[13]>>4)*int32(y1[13]) + int32(q[14]>>4)*int32(y1[14]) + int32(q[15]>>4)*int32(y1[15]) + int32(q[16]>>4)*int32(y1[16]) + int32(q[17]>>4)*int32(y1[17]) + int32(q[18]>>4)*int32(y1[18]) + int32(q[19]>>4)*int32(y1[19]) + int32(q[20]>>4)*int32(y1[20]) + int32(q[21]>>4)*int32(y1[21]) + int32(q[22]>>4)*int32(y1[22]) + int32(q[23]>>4)*int32(y1[23]) + int32(q[24]>>4)*int32(y1[24]) + int32(q[25]>>4)*int32(y1[25]) + int32(q[26]>>4)*int32(y1[26]) + int32(q[27]>>4)*int32(y1[27]) + int32(q[28]>>4)*int32(y1[28]) + int32(q[29]>>4)*int32(y1[29]) + int32(q[30]>>4)*int32(y1[30]) + int32(q[31]>>4)*int32(y1[31])
 			acc += int32(sc[2*i])*s0 + int32(sc[2*i+1])*s1
 		}
 		dd := f16Table[uint16(blk[0])|uint16(blk[1])<<8] * d[b]
