@@ -41,6 +41,7 @@ BUILTIN_VOCAB_SIZE = 4096
 DEFAULT_HF_MAX_TOKENS = 100_000_000
 CHUNK_CHARS = 1 << 20
 CHUNK_DOCS = 2048
+SMALL_CORPUS_BYTES = 4 << 20  # below this, tokenise in-process
 
 
 def data_home() -> pathlib.Path:
@@ -186,6 +187,18 @@ def _chunks(mix: Mixture, val_fraction: float):
         yield chunk
 
 
+def _jax_running() -> bool:
+    """True once JAX has started its runtime (threads) in this process: fork is unsafe then.
+    Merely importing jax (grain does) is fine."""
+    if "jax" not in sys.modules:
+        return False
+    try:
+        from jax._src import xla_bridge
+        return bool(getattr(xla_bridge, "_backends", True))
+    except Exception:  # pragma: no cover - private API moved: be safe
+        return True
+
+
 def _ordered_map(fn, items, workers: int, model: bytes):
     """map(fn, items) in order, over ``workers`` processes, with a bounded number in flight."""
     if workers <= 1:
@@ -193,9 +206,7 @@ def _ordered_map(fn, items, workers: int, model: bytes):
         for item in items:
             yield fn(item)
         return
-    # fork is fastest, but unsafe once JAX's threads exist in this process.
-    method = "spawn" if "jax" in sys.modules else "fork"
-    ctx = multiprocessing.get_context(method)
+    ctx = multiprocessing.get_context("fork")
     with ctx.Pool(workers, initializer=_init_worker, initargs=(model,)) as pool:
         pending = collections.deque()
         for item in items:
@@ -225,7 +236,7 @@ class _Progress:
 
 def _build(staging: pathlib.Path, mix: Mixture, *, vocab_size, tokenizer_file, val_fraction, shard_size,
            workers, max_tokens, force_dtype, progress, log, fingerprint, described, tokenizer_chars,
-           extra_meta=None) -> dict:
+           extra_meta=None, auto_workers=False) -> dict:
     staging.mkdir(parents=True)
     names = ", ".join(_source_label(s) for s in mix.sources)
 
@@ -284,6 +295,12 @@ def _build(staging: pathlib.Path, mix: Mixture, *, vocab_size, tokenizer_file, v
         bar = _Progress(max_tokens, "tok", "tokenizing", progress)
     else:
         bar = _Progress(sum(totals) if None not in totals else None, "B", "tokenizing", progress)
+    known = None if None in totals else sum(totals)
+    if auto_workers and workers > 1 and known is not None and known < SMALL_CORPUS_BYTES:
+        workers = 1  # start-up would cost more than it saves
+    if workers > 1 and _jax_running():
+        log("  (JAX is running in this process, so tokenising in-process: forking it is unsafe)")
+        workers = 1
     log(f"Tokenizing with {workers} process{'es' if workers > 1 else ''} "
         f"({dtype_name(dtype)} shards of {shard_size:,} tokens) …")
     t0 = time.time()
@@ -408,6 +425,7 @@ def prepare(output, *, inputs=None, hf=None, preset=None, source=None, text_fiel
     if max_tokens is None and any(isinstance(s, HFSource) for s in mix.sources):
         max_tokens = DEFAULT_HF_MAX_TOKENS
         log(f"Streaming from Hugging Face: stopping at {max_tokens:,} tokens (--max-tokens to change)")
+    auto_workers = not workers
     workers = workers or default_workers()
     tok_sha = sha256_file(tokenizer_file) if tokenizer_file and pathlib.Path(tokenizer_file).is_file() else None
     options = {"vocab_size": None if tokenizer_file else vocab_size, "tokenizer_sha256": tok_sha,
@@ -426,7 +444,7 @@ def prepare(output, *, inputs=None, hf=None, preset=None, source=None, text_fiel
                       val_fraction=val_fraction, shard_size=shard_size, workers=workers,
                       max_tokens=max_tokens, force_dtype=force_dtype, progress=progress, log=log,
                       fingerprint=fingerprint, described=described, tokenizer_chars=tokenizer_chars,
-                      extra_meta=extra_meta)
+                      extra_meta=extra_meta, auto_workers=auto_workers)
         _publish(staging, output)
     finally:
         if staging.exists():

@@ -120,7 +120,7 @@ def prepare_personality(inputs, tokenizer_dir, output, *, tokenizer_file=None, v
                             f"{base_sha[:12]}… ({base['dir'] / 'meta.json'}); personality data must use the base tokenizer")
     source = PersonalitySource(list(inputs))
     return prepare(output, source=source, tokenizer_file=base["tokenizer_path"], val_fraction=val_fraction,
-                   shard_size=shard_size, workers=workers or min(2, default_workers()), force=force,
+                   shard_size=shard_size, workers=workers, force=force,
                    progress=progress, log=log, force_dtype=base["dtype"],
                    extra_meta={"personality": True, "base_data": str(base["dir"].resolve()),
                                "base_tokenizer_sha256": base_sha})

@@ -8,7 +8,9 @@
   unused.
 * Each corpus becomes ``grain.MapDataset.source(windows).shuffle(seed_c)``: element ``j``
   is a pure function of ``(seed, j)``, and epochs beyond the first are reshuffled by grain
-  (``index // len`` picks the epoch's permutation). Several corpora are mixed with
+  (``index // len`` picks the epoch's permutation). Corpora of fewer than 65,536 windows
+  use a cached per-epoch permutation with the same semantics instead (grain's
+  index_shuffle takes milliseconds per element on tiny ranges). Several corpora are mixed with
   ``grain.MapDataset.mix`` at the requested weights (a fixed interleaving, so the shares
   are exact up to rounding of the weights).
 * Global batch ``k`` has ``global_batch`` rows: ``P = int(global_batch * personality_ratio)``
@@ -116,6 +118,48 @@ class TokenWindows:
                 f"seq_len={self.seq_len}, windows={self._len}, tiled={self._tiled is not None})")
 
 
+GRAIN_SHUFFLE_MIN = 65536
+
+
+class _EpochPermutation(grain.MapDataset):
+    """Per-epoch shuffle for small datasets, with the semantics of grain's ``shuffle``
+    (element ``i`` of epoch ``e`` is ``parent[perm_e[i] + e*len]``, a pure function of
+    ``(seed, index)``). grain's index_shuffle costs milliseconds per element when the
+    dataset has few elements (e.g. a short personality corpus); a cached per-epoch
+    permutation costs microseconds."""
+
+    def __init__(self, parent: grain.MapDataset, seed: int):
+        super().__init__(parent)
+        self._seed = int(seed)
+        self._perms: dict = {}
+
+    def __len__(self) -> int:
+        return len(self._parent)
+
+    def __str__(self) -> str:
+        return "EpochPermutation"
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        perm = self._perms.get(epoch)
+        if perm is None:
+            perm = np.random.default_rng([self._seed, epoch]).permutation(len(self._parent))
+            if len(self._perms) >= 4:
+                self._perms.pop(next(iter(self._perms)))
+            self._perms[epoch] = perm
+        return perm
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        epoch, i = divmod(int(index), len(self._parent))
+        return self._parent[int(self._perm(epoch)[i]) + epoch * len(self._parent)]
+
+
+def _shuffled(windows: "TokenWindows", seed: int) -> grain.MapDataset:
+    ds = grain.MapDataset.source(windows)
+    return ds.shuffle(seed=seed) if len(windows) >= GRAIN_SHUFFLE_MIN else _EpochPermutation(ds, seed)
+
+
 def _derive_seed(seed: int, *tags) -> int:
     h = hashlib.sha256(json.dumps([int(seed), *tags]).encode()).digest()
     return int.from_bytes(h[:4], "little")
@@ -194,7 +238,7 @@ class Batches:
             m = base if pathlib.Path(path).expanduser().resolve() == base["dir"].resolve() else load_meta(path)
             _check_same_tokenizer(base, m, "corpus")
             win = _windows(m, split, self.seq_len)
-            datasets.append(grain.MapDataset.source(win).shuffle(seed=_derive_seed(seed, "corpus", i)))
+            datasets.append(_shuffled(win, _derive_seed(seed, "corpus", i)))
             weights.append(float(w) / total_w)
             self.corpora.append({"dir": m["dir"], "weight": float(w) / total_w, "windows": len(win)})
             ident.append({"corpus": _identity(m, split), "weight": float(w) / total_w})
@@ -209,7 +253,7 @@ class Batches:
             pm = load_meta(personality_dir)
             _check_same_tokenizer(base, pm, "personality data")
             pwin = _windows(pm, "train", self.seq_len, tile=True, what="personality")
-            self._pers = grain.MapDataset.source(pwin).shuffle(seed=_derive_seed(seed, "personality"))
+            self._pers = _shuffled(pwin, _derive_seed(seed, "personality"))
             pers_ident = {"corpus": _identity(pm, "train"), "ratio": personality_ratio,
                           "rows": self.personality_rows}
         # Row r of a global batch is personality iff floor((r+1)P/B) > floor(rP/B): P rows, spread evenly.
