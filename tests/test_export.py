@@ -30,12 +30,18 @@ PROMPT = (" The quick brown fox, 12345 jumps over the lazy dog. Ünïcödé ☃ 
 
 
 @pytest.fixture(scope="session")
-def tokenizer_file(tmp_path_factory):
-    from data import builtin, tokenizer
+def corpus():
+    from data import builtin
 
-    docs = list(itertools.islice(builtin.documents(), 150))
+    return list(itertools.islice(builtin.documents(), 150))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_file(tmp_path_factory, corpus):
+    from data import tokenizer
+
     path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
-    path.write_bytes(tokenizer.train(docs, VOCAB))
+    path.write_bytes(tokenizer.train(corpus, VOCAB))
     return path
 
 
@@ -229,6 +235,57 @@ def test_refuses_models_llama_cpp_cannot_run(tmp_path, config, params, tokenizer
         with pytest.raises(ValueError, match=word):
             G.write_gguf(params, dataclasses.replace(config, **change), tokenizer_file, out, progress=False)
         assert not out.exists() and not list(tmp_path.iterdir())
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, corpus, tokenizer_file):
+    """A CPU model trained 30 steps by `nanollama_jax.train` (pico shape: 2 layers, d 128, GQA 2/1 heads,
+    context 128) on built-in text, with the test tokenizer."""
+    root = tmp_path_factory.mktemp("trained")
+    (root / "corpus.txt").write_text("\n\n".join(corpus))
+    r = run_cli("data.prepare", "--input", root / "corpus.txt", "--output", root / "data", "--tokenizer",
+                tokenizer_file, "--quiet")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("nanollama_jax.train", "--size", "pico", "--steps", 30, "--data", root / "data", "--runs-dir",
+                root / "runs", "--model-tag", "pico", "--seq-len", 128, "--tokens-per-step", 1024, "--batch-size", 8,
+                "--eval-every", 1000, "--sample-every", 1000)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return root / "runs" / "pico"
+
+
+def dump_logits(run, ids, tmp_path):
+    np.save(tmp_path / "ids.npy", np.asarray(ids, np.int32))
+    r = run_cli("nanollama_jax.generate", "--checkpoint", run, "--tokens", tmp_path / "ids.npy", "--dump-logits",
+                tmp_path / "logits.npy")
+    assert r.returncode == 0, r.stderr
+    return np.load(tmp_path / "logits.npy")
+
+
+def test_llama_cpp_matches_generate_dump_logits_on_a_trained_model(tmp_path, trained_run, prompt_ids):
+    """Acceptance 1 and 2 on a trained model: llama.cpp's logits for every position of a 64+ token prompt
+    (F32 KV cache) vs `generate --dump-logits`; quantised files vs our model with the same weights
+    quantised and dequantised; the unpermuted export is rejected by the same comparison."""
+    ours = dump_logits(trained_run, prompt_ids, tmp_path)
+    assert ours.shape == (len(prompt_ids), VOCAB) and ours.dtype == np.float32
+    run, params = checkpoint.load_params(trained_run)
+    assert run.step == 30
+    diffs = {}
+    for dtype, tol in (("f32", 1e-3), ("f16", 2e-2), ("q8_0", 0.2), ("q4_0", 0.2)):
+        out = tmp_path / f"pico-{dtype}.gguf"
+        if dtype == "f32":  # the CLI once; the library call for the rest (saves a JAX start-up each)
+            r = run_cli("export.gguf", "--checkpoint", trained_run, "--output", out, "--dtype", dtype, "--quiet")
+            assert r.returncode == 0, r.stderr
+        else:
+            G.write_gguf(params, run.config, run.tokenizer_path, out, dtype, progress=False)
+        ref = ours if dtype in ("f32", "f16") else our_logits(G.quantized_params(params, run.config, dtype),
+                                                              run.config, prompt_ids)
+        diffs[dtype] = float(np.abs(llama_cpp_logits(out, prompt_ids) - ref).max())
+        assert diffs[dtype] <= tol, (dtype, diffs)
+    G.write_gguf(params, run.config, run.tokenizer_path, tmp_path / "unpermuted.gguf", progress=False,
+                 _permute=False)
+    diffs["f32 unpermuted"] = float(np.abs(llama_cpp_logits(tmp_path / "unpermuted.gguf", prompt_ids) - ours).max())
+    print("trained pico, llama.cpp vs ours, max|diff|:", {k: f"{v:.3g}" for k, v in diffs.items()})
+    assert diffs["f32 unpermuted"] > 1e-3
 
 
 # ---------------------------------------------------------------- GGUF read back
@@ -454,13 +511,22 @@ def test_reference_pt_loads_with_same_logits_and_round_trips(tmp_path, tokenizer
                                          ({"use_post_emb_norm": True}, "post-embedding norm"),
                                          ({"tie_embeddings": True}, "tied"),
                                          ({"window_pattern": "SSSL"}, "sliding-window")])
-def test_reference_extensions_are_refused(tmp_path, tokenizer_file, change, word):
+def test_reference_extensions_are_refused(tmp_path, change, word):
+    from export.nanollama import load_pt
+
     pt = save_reference_pt(reference_model(REF_CONFIG), tmp_path / "checkpoint_step1.pt", {**REF_CONFIG, **change})
+    with pytest.raises(ValueError, match=word):
+        load_pt(pt)
+
+
+def test_reference_extension_refused_by_the_cli(tmp_path, tokenizer_file):
+    pt = save_reference_pt(reference_model(REF_CONFIG), tmp_path / "checkpoint_step1.pt",
+                           {**REF_CONFIG, "use_resformer": True})
     out = tmp_path / "run"
     r = subprocess.run([sys.executable, "-m", "export.nanollama", "--from-pt", str(pt), "--tokenizer",
                         str(tokenizer_file), "--output", str(out)], capture_output=True, text=True)
     assert r.returncode == 1
-    assert len(r.stderr.strip().splitlines()) == 1 and word in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "ResFormer" in r.stderr, r.stderr
     assert not out.exists()
 
 
