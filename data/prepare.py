@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import collections
 import hashlib
+import itertools
 import json
 import math
 import multiprocessing
@@ -83,12 +84,8 @@ def _encode_chunk(chunk: list[tuple[str, bool, int]]):
     for want_val in (False, True):
         sel = [x for x, v in zip(ids, is_val) if v == want_val]
         total = sum(len(x) + 1 for x in sel)
-        arr = np.empty(total, dtype=np.uint32)
-        pos = 0
-        for x in sel:
-            arr[pos] = _BOS
-            arr[pos + 1: pos + 1 + len(x)] = x
-            pos += len(x) + 1
+        arr = np.fromiter(itertools.chain.from_iterable(itertools.chain((_BOS,), x) for x in sel),
+                          dtype=np.uint32, count=total)
         out.append(arr)
     return out[0], out[1], lens, is_val, src, nbytes
 
@@ -390,6 +387,23 @@ def _publish(staging: pathlib.Path, output: pathlib.Path) -> None:
     shutil.rmtree(staging, ignore_errors=True)
 
 
+def _remove_stale_staging(parent: pathlib.Path, name: str) -> None:
+    """Remove staging folders left by runs that were killed (their process is gone)."""
+    if not parent.is_dir():
+        return
+    for p in parent.glob(f".{name}.partial-*"):
+        try:
+            pid = int(p.name[len(f".{name}.partial-"):].split("-")[0])
+        except ValueError:
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except PermissionError:
+            pass
+
+
 def _is_current(output: pathlib.Path, fingerprint: str) -> bool:
     if not (output / "meta.json").is_file():
         return False
@@ -434,6 +448,7 @@ def prepare(output, *, inputs=None, hf=None, preset=None, source=None, text_fiel
                "tokenizer_options": tok.TOKENIZER_OPTIONS, "tokenizer_chars": tokenizer_chars,
                "extra_meta": extra_meta}
     fingerprint, described = _fingerprint(mix, options)
+    _remove_stale_staging(output.parent, output.name)
     if not force and _is_current(output, fingerprint):
         log(f"{output}: already prepared from these inputs (meta.json matches); nothing to do")
         return output
@@ -472,6 +487,7 @@ def ensure_builtin(vocab_size: int = BUILTIN_VOCAB_SIZE, *, home=None, workers: 
     if _is_current(final, fingerprint):
         return final
     home.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(home, final.name)
     log(f"Preparing the built-in corpus (Python's own documentation) into {final} …")
     staging = home / f".builtin-v{vocab_size}.partial-{os.getpid()}-{secrets.token_hex(4)}"
     try:

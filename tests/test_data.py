@@ -349,6 +349,57 @@ def test_cli_errors_are_one_line_and_keep_earlier_output(tmp_path, corpus):
         assert r.returncode != 0 and "locked.txt: unreadable" in r.stderr
 
 
+def test_killed_run_leaves_earlier_output_and_no_complete_looking_shards(tmp_path, prepared):
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    small = tmp_path / "small.txt"
+    small.write_text("\n\n\n".join(_english(20, 3)), encoding="utf-8")
+    tok = prepared / "tokenizer.model"
+    assert _cli("--input", small, "--output", out, "--tokenizer", tok, "--quiet").returncode == 0
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    big = tmp_path / "big.txt"
+    big.write_text("\n\n\n".join(_english(6000, 4)), encoding="utf-8")
+    args = ["-m", "data.prepare", "--input", big, "--output", out, "--tokenizer", tok, "--shard-size", 20000,
+            "--workers", 1, "--quiet"]
+    proc = subprocess.Popen([PY, *map(str, args)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    staged = []
+    while time.time() < deadline and proc.poll() is None:
+        staged = [p for p in tmp_path.glob(".out.partial-*/train/*") if p.name.endswith(".bin")]
+        if staged:
+            break
+        time.sleep(0.005)
+    assert staged and proc.poll() is None, "the run finished before it could be interrupted"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before
+    stale = list(tmp_path.glob(".out.partial-*"))
+    assert stale and not list(stale[0].glob("meta.json")), "an interrupted run must not look complete"
+    # The next run cleans up after the killed one.
+    assert _cli("--input", small, "--output", tmp_path / "other", "--tokenizer", tok, "--quiet").returncode == 0
+    prepare(out, inputs=[small], tokenizer_file=tok, progress=False, log=lambda m: None)
+    assert not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_failure_while_writing_shards_keeps_earlier_output(tmp_path, prepared):
+    out = tmp_path / "out"
+    good = tmp_path / "good.txt"
+    good.write_text("\n\n\n".join(_english(20, 3)), encoding="utf-8")
+    tok = prepared / "tokenizer.model"
+    prepare(out, inputs=[good], tokenizer_file=tok, progress=False, log=lambda m: None)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    bad = tmp_path / "z.jsonl"
+    bad.write_text(json.dumps({"text": "fine"}) + "\n" + "{broken\n")
+    with pytest.raises(DataError, match=r"z\.jsonl:2: invalid JSON"):
+        prepare(out, inputs=[good, bad], tokenizer_file=tok, shard_size=100, progress=False, log=lambda m: None)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
 def test_tokenizer_hash_mismatch_and_truncated_shards(prepared, tmp_path):
     bad_tok = tmp_path / "badtok"
     shutil.copytree(prepared, bad_tok)
