@@ -215,16 +215,33 @@ def _ordered_map(fn, items, workers: int, model: bytes):
 
 
 class _Progress:
-    def __init__(self, total, unit, desc, enabled):
+    """A tqdm bar with ETA on a terminal; without one (logs, CI), a line every 30 seconds."""
+
+    def __init__(self, total, unit, desc, enabled, log=print, every=30.0):
         self.bar = None
-        if enabled:
+        self.total, self.unit, self.log, self.every = total, unit, log, every
+        self.done, self.t0 = 0, time.time()
+        self.next_line = self.t0 + every
+        self.lines = enabled and not sys.stderr.isatty()
+        if enabled and not self.lines:
             from tqdm import tqdm
-            self.bar = tqdm(total=total, unit=unit, unit_scale=True, desc=desc, dynamic_ncols=True,
-                            file=sys.stderr, disable=None)
+            self.bar = tqdm(total=total, unit=unit, unit_scale=True, desc=desc, dynamic_ncols=True, file=sys.stderr)
 
     def update(self, n):
+        self.done += n
         if self.bar is not None:
             self.bar.update(n)
+        elif self.lines and time.time() >= self.next_line:
+            self.next_line = time.time() + self.every
+            elapsed = time.time() - self.t0
+            what = "tokens" if self.unit == "tok" else "MB"
+            scale = 1 if self.unit == "tok" else 1e6
+            msg = f"  {self.done / scale:,.1f} {what}"
+            if self.total:
+                frac = min(1.0, self.done / self.total)
+                eta = elapsed * (1 - frac) / max(frac, 1e-9)
+                msg += f" of {self.total / scale:,.1f} ({frac:.0%}), about {eta / 60:.1f} min left"
+            self.log(msg)
 
     def close(self):
         if self.bar is not None:
@@ -262,7 +279,7 @@ def _build(staging: pathlib.Path, mix: Mixture, *, vocab_size, tokenizer_file, v
                 if not is_val_document(i, val_fraction):
                     yield doc
         try:
-            model = tok.train(train_docs(), vocab_size, threads=workers, max_chars=tokenizer_chars)
+            model = tok.train(train_docs(), vocab_size, threads=workers, max_chars=tokenizer_chars, log=log)
         except tok.NoText:
             if seen[0] == 0:
                 raise DataError(f"{names}: empty corpus (no non-blank documents found)") from None
@@ -289,9 +306,9 @@ def _build(staging: pathlib.Path, mix: Mixture, *, vocab_size, tokenizer_file, v
                  "bytes": np.zeros(nsrc, np.int64)} for s in ("train", "val")}
     totals = [s.total_bytes() for s in mix.sources]
     if max_tokens:
-        bar = _Progress(max_tokens, "tok", "tokenizing", progress)
+        bar = _Progress(max_tokens, "tok", "tokenizing", progress, log)
     else:
-        bar = _Progress(sum(totals) if None not in totals else None, "B", "tokenizing", progress)
+        bar = _Progress(sum(totals) if None not in totals else None, "B", "tokenizing", progress, log)
     known = None if None in totals else sum(totals)
     if auto_workers and workers > 1 and known is not None and known < SMALL_CORPUS_BYTES:
         workers = 1  # start-up would cost more than it saves

@@ -51,7 +51,7 @@ def _lines(documents: Iterable[str], max_chars: int) -> Iterator[str]:
 
 
 def train(documents: Iterable[str], vocab_size: int, *, threads: int = 1,
-          max_chars: int = DEFAULT_TOKENIZER_CHARS) -> bytes:
+          max_chars: int = DEFAULT_TOKENIZER_CHARS, log=None) -> bytes:
     """Train a BPE model on the documents' lines; returns the serialized model."""
     import sentencepiece as spm
 
@@ -59,6 +59,10 @@ def train(documents: Iterable[str], vocab_size: int, *, threads: int = 1,
     lines = list(_lines(documents, max_chars))
     if not lines:
         raise NoText("tokenizer: no text to train on")
+    if log:
+        chars = sum(len(x) + 1 for x in lines)
+        log(f"  {len(lines):,} lines, {chars / 1e6:,.1f}M characters of training text"
+            + (" (capped; the rest is only tokenised)" if chars >= max_chars else ""))
     out = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(

@@ -121,22 +121,44 @@ def test_rerun_is_idempotent_and_parallel_gives_same_bytes(prepared, corpus, tmp
 
 # 2. dtype --------------------------------------------------------------------------------
 
+def _widened_tokenizer(src: pathlib.Path, dst: pathlib.Path, extra: int) -> pathlib.Path:
+    """The same tokenizer plus `extra` never-matching pieces (private-use characters): a
+    >65536-piece vocabulary without minutes of BPE training; text encodes to the same ids."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    proto.ParseFromString(src.read_bytes())
+    for i in range(extra):
+        piece = proto.pieces.add()
+        piece.piece = chr(0xE000 + i // 4096) + chr(0xE000 + i % 4096)
+        piece.score = -1e9
+    dst.write_bytes(proto.SerializeToString())
+    return dst
+
+
 def test_dtype_rule_and_uint32_shards_load(prepared, corpus, tmp_path):
     assert dtype_for_vocab(65536) == np.dtype("<u2")
     assert dtype_for_vocab(65537) == np.dtype("<u4")
     assert dtype_for_vocab(96000) == np.dtype("<u4")
+    big_tok = _widened_tokenizer(prepared / "tokenizer.model", tmp_path / "wide.model", 70000 - VOCAB)
+    assert spm.SentencePieceProcessor(model_file=str(big_tok)).get_piece_size() == 70000
     wide = tmp_path / "wide"
-    # Training a >65536 tokenizer takes minutes; the writer takes the same decision path with a forced dtype.
-    prepare(wide, inputs=[corpus], tokenizer_file=prepared / "tokenizer.model", val_fraction=0.1,
-            shard_size=5000, workers=1, force_dtype=np.uint32, progress=False, log=lambda m: None)
+    prepare(wide, inputs=[corpus], tokenizer_file=big_tok, val_fraction=0.1, shard_size=5000, workers=1,
+            progress=False, log=lambda m: None)
     m16, m32 = load_meta(prepared), load_meta(wide)
-    assert m32["raw"]["dtype"] == "uint32" and m32["dtype"] == np.dtype("<u4")
+    assert m32["raw"]["dtype"] == "uint32" and m32["dtype"] == np.dtype("<u4") and m32["vocab_size"] == 70000
     assert (wide / m32["raw"]["train"]["shards"][0]["file"]).stat().st_size == 4 * m32["train"]["shards"][0]["tokens"]
     np.testing.assert_array_equal(_read_split(m16, "train"), _read_split(m32, "train"))
     a = Batches(prepared, seq_len=32, global_batch=4, seed=3)
     b = Batches(wide, seq_len=32, global_batch=4, seed=3)
+    assert b.vocab_size == 70000
     np.testing.assert_array_equal(a[5], b[5])
     assert b[5].dtype == np.int32
+    # uint32 with a small vocabulary is readable too (the writer's dtype can be forced wider).
+    forced = prepare(tmp_path / "forced", inputs=[corpus], tokenizer_file=prepared / "tokenizer.model",
+                     val_fraction=0.1, shard_size=5000, workers=1, force_dtype=np.uint32, progress=False,
+                     log=lambda m: None)
+    np.testing.assert_array_equal(Batches(forced, seq_len=32, global_batch=4, seed=3)[5], a[5])
 
 
 # 3. nanollama's own folders --------------------------------------------------------------
