@@ -189,6 +189,27 @@ def test_nanollama_folder_loads_and_val_never_trains(tmp_path):
     np.testing.assert_array_equal(vb[0], validation_batches(ref, seq_len=64, batch_size=4, max_batches=1)[0])
 
 
+def test_nanollama_bytes_per_token_and_short_val(tmp_path, prepared):
+    sp = spm.SentencePieceProcessor(model_file=str(prepared / "tokenizer.model"))
+    texts = _english(30, 8)
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    shutil.copy(prepared / "tokenizer.model", ref / "tokenizer.model")
+    np.array(sum(sp.encode(texts[:25]), []), dtype="<u2").tofile(ref / "train_0000.bin")
+    val_ids = sum(sp.encode(texts[25:]), [])
+    np.array(val_ids, dtype="<u2").tofile(ref / "val_0000.bin")
+    (ref / "meta.json").write_text(json.dumps({"dataset": "x", "vocab_size": VOCAB, "num_shards": 2,
+                                               "tokenizer_dir": str(ref)}))
+    expected = len(sp.decode(val_ids).encode()) / len(val_ids)
+    assert bytes_per_token(ref) == pytest.approx(expected)
+    assert Batches(ref, seq_len=16, global_batch=2).tokenizer_path == ref / "tokenizer.model"
+    # fewer val windows than one batch: one batch, windows repeated in order
+    n = (len(val_ids) - 1) // 64
+    vb = validation_batches(ref, seq_len=64, batch_size=n + 3, max_batches=5)
+    assert len(vb) == 1 and vb[0].shape == (n + 3, 65)
+    np.testing.assert_array_equal(vb[0][n], vb[0][0])
+
+
 def test_our_val_split_never_trains(tmp_path):
     # Validation documents are Cyrillic, training documents Latin: their pieces cannot meet.
     import re
