@@ -267,6 +267,8 @@ def _build(staging: pathlib.Path, mix: Mixture, *, vocab_size, tokenizer_file, v
             raise DataError(f"{tokenizer_file}: not a SentencePiece model") from None
         trained = False
         log(f"Using tokenizer {tokenizer_file} ({sp.get_piece_size():,} pieces)")
+        if vocab_size and vocab_size != sp.get_piece_size() and vocab_size != tok.DEFAULT_VOCAB_SIZE:
+            log(f"  (--vocab-size {vocab_size} ignored: the tokenizer decides the vocabulary)")
     else:
         log(f"Training a {vocab_size:,}-piece BPE tokenizer on {names} …")
         t0 = time.time()
@@ -442,6 +444,8 @@ def prepare(output, *, inputs=None, hf=None, preset=None, source=None, text_fiel
             log: Callable[[str], None] = print) -> pathlib.Path:
     """Prepare a data folder (see module docstring); returns its path. Raises DataError."""
     output = pathlib.Path(output).expanduser()
+    if output.exists() and not output.is_dir():
+        raise DataError(f"{output}: exists and is not a folder")
     if source is not None:  # any object with name, describe(), total_bytes(), documents()
         mix = source if isinstance(source, Mixture) else Mixture([source], [1.0])
     else:

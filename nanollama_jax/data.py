@@ -308,13 +308,13 @@ def validation_batches(data_dir, *, seq_len: int, batch_size: int, max_batches: 
     """Fixed held-out batches from the val split (``val/`` or nanollama's ``val_*.bin``), in
     stream order: windows 0, 1, 2, … grouped ``batch_size`` at a time, at most
     ``max_batches`` full batches. A val split with fewer than ``batch_size`` windows gives one
-    batch with its windows repeated cyclically. Deterministic; never touches training shards."""
+    batch with its windows repeated cyclically (and one shorter than a window is tiled first). Deterministic; never touches training shards."""
     if batch_size < 1 or max_batches < 1:
         raise ValueError("batch_size and max_batches must be >= 1")
     meta = load_meta(data_dir)
     if not meta["val"]["shards"]:
         raise DataError(f"{meta['dir']}: no validation shards (val/ or val_*.bin)")
-    win = _windows(meta, "val", seq_len)
+    win = _windows(meta, "val", seq_len, tile=True)  # a val split shorter than a window is repeated
     n = len(win)
     if n < batch_size:
         return [np.stack([win[i % n] for i in range(batch_size)])]

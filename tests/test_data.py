@@ -208,6 +208,9 @@ def test_nanollama_bytes_per_token_and_short_val(tmp_path, prepared):
     vb = validation_batches(ref, seq_len=64, batch_size=n + 3, max_batches=5)
     assert len(vb) == 1 and vb[0].shape == (n + 3, 65)
     np.testing.assert_array_equal(vb[0][n], vb[0][0])
+    np.array(val_ids[:5], dtype="<u2").tofile(ref / "val_0000.bin")  # shorter than one window: tiled
+    (vb,) = validation_batches(ref, seq_len=64, batch_size=2, max_batches=5)
+    assert vb.shape == (2, 65) and vb[0, :10].tolist() == val_ids[:5] * 2
 
 
 def test_our_val_split_never_trains(tmp_path):
