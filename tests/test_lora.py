@@ -1,0 +1,154 @@
+"""Issue 6 acceptance 4: a gamma as a llama.cpp LoRA adapter — base GGUF + adapter gives the logits of
+the GGUF of the injected model.
+
+LoRA in llama.cpp applies to matrix multiplications (and the token embedding lookup) only, so the
+deltas here are put on every matrix and the embedding, and the norm deltas are zero; a separate
+test checks that nonzero norm deltas are named in a warning (or refused with --require-complete).
+Random weights of a realistic scale stand in for trained ones: the adapter path is what is tested.
+"""
+import itertools
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from export.gguf import write_gguf
+from nanollama_jax import gamma as G
+from nanollama_jax import model as M
+from nanollama_jax.config import LlamaConfig
+from nanollama_jax.statedict import from_state_dict, to_state_dict
+
+llama_cpp = pytest.importorskip("llama_cpp")
+VOCAB = 448
+
+
+@pytest.fixture(scope="module")
+def tokenizer_file(tmp_path_factory):
+    from data import builtin, tokenizer
+
+    docs = list(itertools.islice(builtin.documents(), 60))
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
+    path.write_bytes(tokenizer.train(docs, VOCAB))
+    return path
+
+
+@pytest.fixture(scope="module")
+def config():
+    return LlamaConfig(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, head_dim=16, vocab_size=VOCAB,
+                       sequence_len=128, multiple_of=64)
+
+
+def _random_state(config, seed, scale):
+    p = jax.tree_util.tree_map(np.array, M.init_params(config, seed))
+    rng = np.random.default_rng(seed)
+    state = to_state_dict(p)
+    for k, a in state.items():
+        if "c_proj" in k or "down_proj" in k:
+            state[k] = (rng.uniform(-1, 1, a.shape) * np.sqrt(3 / a.shape[1])).astype(np.float32)
+        elif k == "output.weight":
+            state[k] = (0.2 * rng.standard_normal(a.shape)).astype(np.float32)
+    if scale is not None:  # a delta: random on matrices and the embedding, zero on norms
+        state = {k: (scale * rng.standard_normal(a.shape) * (a.std() if a.ndim == 2 else 0)).astype(np.float32)
+                 for k, a in state.items()}
+    return state
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, config, tokenizer_file):
+    root = tmp_path_factory.mktemp("lora")
+    base = _random_state(config, 0, None)
+    delta = _random_state(config, 1, 0.3)
+    g = G.Gamma({k: G.Dense(v) for k, v in delta.items()}, config)
+    G.save_gamma(g, root / "gamma.npz")
+    write_gguf(from_state_dict(base, config), config, tokenizer_file, root / "base.gguf", progress=False)
+    return root, base, g
+
+
+def logits(path, ids, lora=None):
+    llm = llama_cpp.Llama(model_path=str(path), lora_path=str(lora) if lora else None, logits_all=True, n_ctx=128,
+                          n_batch=128, n_ubatch=128, type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32,
+                          n_threads=2, verbose=False)
+    try:
+        llm.eval(ids)
+        return np.array(llm.scores[: len(ids)], dtype=np.float32)
+    finally:
+        llm.close()
+
+
+def lora_cli(*args):
+    return subprocess.run([sys.executable, "-m", "export.lora", *map(str, args)], capture_output=True, text=True)
+
+
+IDS = [1] + list(range(3, 300, 7))
+
+
+def _injected_gguf(root, base, g, config, tokenizer_file, name):
+    inj = G.apply_gamma(base, g)
+    write_gguf(from_state_dict(inj, config), config, tokenizer_file, root / name, progress=False)
+    return root / name
+
+
+def test_full_rank_adapter_matches_the_injected_model(setup, config, tokenizer_file):
+    root, base, g = setup
+    r = lora_cli(root / "gamma.npz", "--base", root / "base.gguf", "-o", root / "full.gguf")
+    assert r.returncode == 0, r.stderr
+    assert "warning" not in r.stderr
+    from gguf import GGUFReader
+
+    rd = GGUFReader(str(root / "full.gguf"))
+    assert rd.fields["general.type"].contents() == "adapter"
+    assert rd.fields["adapter.type"].contents() == "lora"
+    assert rd.fields["general.architecture"].contents() == "llama"
+    names = {t.name: tuple(reversed(t.shape.tolist())) for t in rd.tensors}
+    assert names["blk.0.attn_q.weight.lora_a"] == (64, 64) and names["blk.0.attn_k.weight.lora_b"] == (32, 32)
+    assert names["blk.1.ffn_down.weight.lora_a"] == (64, 192) and "token_embd.weight.lora_a" in names
+    inj = _injected_gguf(root, base, g, config, tokenizer_file, "injected.gguf")
+    want = logits(inj, IDS)
+    got = logits(root / "base.gguf", IDS, lora=root / "full.gguf")
+    plain = logits(root / "base.gguf", IDS)
+    assert np.abs(want - plain).max() > 1.0  # the delta matters
+    diff = np.abs(got - want).max()
+    print(f"full rank: max |logit diff| {diff:.2e} (delta effect {np.abs(want - plain).max():.2f})")
+    assert diff <= 1e-3
+
+
+def test_low_rank_adapter_matches_the_injected_compressed_model(setup, config, tokenizer_file):
+    root, base, g = setup
+    c = G.compress(g, rank=8)
+    G.save_gamma(c, root / "r8.npz")
+    r = lora_cli(root / "r8.npz", "--base", root / "base.gguf", "-o", root / "r8.gguf")
+    assert r.returncode == 0, r.stderr
+    assert "rank 8" in r.stdout
+    assert (root / "r8.gguf").stat().st_size < 0.5 * (root / "full.gguf").stat().st_size
+    inj = _injected_gguf(root, base, c, config, tokenizer_file, "injected-r8.gguf")
+    diff = np.abs(logits(root / "base.gguf", IDS, lora=root / "r8.gguf") - logits(inj, IDS)).max()
+    print(f"rank 8: max |logit diff| {diff:.2e}")
+    assert diff <= 1e-3
+
+
+def test_norm_deltas_are_named_or_refused(setup, config, tmp_path):
+    root, base, g = setup
+    t = dict(g.tensors)
+    t["layers.1.ffn_norm.weight"] = G.Dense(np.full(config.n_embd, 0.1, np.float32))
+    G.save_gamma(G.Gamma(t, config), tmp_path / "norm.npz")
+    r = lora_cli(tmp_path / "norm.npz", "--base", root / "base.gguf", "-o", tmp_path / "a.gguf")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.startswith("warning: not carried") and "blk.1.ffn_norm.weight" in r.stderr
+    r = lora_cli(tmp_path / "norm.npz", "--base", root / "base.gguf", "-o", tmp_path / "b.gguf", "--require-complete")
+    assert r.returncode == 1 and "blk.1.ffn_norm.weight" in r.stderr and not (tmp_path / "b.gguf").exists()
+
+
+def test_mismatched_base_is_refused(setup, config, tmp_path, tokenizer_file):
+    root, base, g = setup
+    wide = LlamaConfig(n_layer=2, n_embd=128, n_head=4, n_kv_head=2, head_dim=16, vocab_size=VOCAB, sequence_len=128,
+                       multiple_of=64)
+    write_gguf(M.init_params(wide, 0), wide, tokenizer_file, tmp_path / "wide.gguf", progress=False)
+    r = lora_cli(root / "gamma.npz", "--base", tmp_path / "wide.gguf", "-o", tmp_path / "x.gguf")
+    assert r.returncode == 1 and "n_embd 64 vs 128" in r.stderr and not (tmp_path / "x.gguf").exists()
+
+
+def test_help_has_an_example():
+    r = lora_cli("--help")
+    assert r.returncode == 0 and "python -m export.lora" in r.stdout
