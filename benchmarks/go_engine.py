@@ -2,13 +2,14 @@
 on the same nano-sized GGUF (12 layers, d 384, 6 heads, vocab 32000, random weights)
 in F16, Q8_0 and Q4_0, with the same number of threads, in one run.
 
-    python -m benchmarks.go_engine [--threads 2] [--prompt 128] [--gen 128]
+    python -m benchmarks.go_engine [--threads 1,2] [--prompt 128] [--gen 128]
 
 Writes benchmarks/results/go_engine.{json,md,png}."""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import subprocess
@@ -86,12 +87,13 @@ def bench_go(binary: Path, model: Path, ids_path: Path, n_gen: int, threads: int
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", default="2", help="comma-separated thread counts, e.g. 1,2")
     ap.add_argument("--prompt", type=int, default=128, help="prompt tokens (prefill)")
     ap.add_argument("--gen", type=int, default=128, help="generated tokens (decode)")
     ap.add_argument("--repeats", type=int, default=2, help="best of N runs per engine")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args(argv)
+    start_load = list(os.getloadavg())
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -103,18 +105,18 @@ def main(argv=None):
         ids_path = tmp / "ids.npy"
         np.save(ids_path, np.array(ids, np.int32))
         rows = []
-        for qt, path in models.items():
+        for threads, (qt, path) in ((t, m) for t in map(int, args.threads.split(",")) for m in models.items()):
             best = {}
-            for name, fn in (("llama.cpp", lambda: bench_llama_cpp(path, ids, args.gen, args.threads)),
-                             ("go", lambda: bench_go(binary, path, ids_path, args.gen, args.threads))):
+            for name, fn in (("llama.cpp", lambda: bench_llama_cpp(path, ids, args.gen, threads)),
+                             ("go", lambda: bench_go(binary, path, ids_path, args.gen, threads))):
                 runs = [fn() for _ in range(args.repeats)]
                 best[name] = {k: max(r[k] for r in runs) for k in runs[0]}
-            row = {"type": qt, "size_mb": round(path.stat().st_size / 2**20, 1),
+            row = {"type": qt, "threads": threads, "size_mb": round(path.stat().st_size / 2**20, 1),
                    "llama_cpp": best["llama.cpp"], "go": best["go"],
                    "decode_ratio": best["go"]["decode_tok_s"] / best["llama.cpp"]["decode_tok_s"],
                    "prefill_ratio": best["go"]["prefill_tok_s"] / best["llama.cpp"]["prefill_tok_s"]}
             rows.append(row)
-            print(f"{qt:5s}  decode go {row['go']['decode_tok_s']:7.1f} tok/s, llama.cpp "
+            print(f"{qt:5s} {threads} threads  decode go {row['go']['decode_tok_s']:7.1f} tok/s, llama.cpp "
                   f"{row['llama_cpp']['decode_tok_s']:7.1f} tok/s ({row['decode_ratio']:.2f}x)   prefill go "
                   f"{row['go']['prefill_tok_s']:7.1f}, llama.cpp {row['llama_cpp']['prefill_tok_s']:7.1f} "
                   f"({row['prefill_ratio']:.2f}x)", flush=True)
@@ -122,22 +124,27 @@ def main(argv=None):
     import llama_cpp
 
     meta = {"model": {"shape": NANO, "vocab": VOCAB, "weights": "random"}, "threads": args.threads,
+            "load_average_at_start": start_load,
             "prompt_tokens": args.prompt, "generated_tokens": args.gen, "repeats": args.repeats,
             "llama_cpp_python": llama_cpp.__version__,
             "go": subprocess.run(["go", "version"], capture_output=True, text=True).stdout.strip(),
-            "cpu": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d")}
+            "cpu": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d"),
+            "load_average_at_end": list(os.getloadavg()), "cores": os.cpu_count()}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "go_engine.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
-    lines = [f"# Go engine vs llama.cpp: nano-sized GGUF (12 layers, d 384, vocab 32000), {args.threads} threads",
+    lines = [f"# Go engine vs llama.cpp: nano-sized GGUF (12 layers, d 384, vocab 32000), threads {args.threads}",
              "",
              f"Prompt {args.prompt} tokens, then {args.gen} generated tokens (greedy); best of {args.repeats}. "
-             f"llama-cpp-python {meta['llama_cpp_python']}, {meta['go']}.",
+             f"llama-cpp-python {meta['llama_cpp_python']}, {meta['go']}; {meta['cores']} cores, "
+             f"load average {meta['load_average_at_start'][0]:.1f} at the start and "
+             f"{meta['load_average_at_end'][0]:.1f} at the end of the run (other work was "
+             f"running on the machine: llama.cpp's spinning threads suffer more from that than Go's).",
              "",
-             "| type | file MB | decode go tok/s | decode llama.cpp tok/s | decode ratio | "
+             "| type | threads | file MB | decode go tok/s | decode llama.cpp tok/s | decode ratio | "
              "prefill go tok/s | prefill llama.cpp tok/s | prefill ratio |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        lines.append(f"| {r['type']} | {r['size_mb']} | {r['go']['decode_tok_s']:.1f} | "
+        lines.append(f"| {r['type']} | {r['threads']} | {r['size_mb']} | {r['go']['decode_tok_s']:.1f} | "
                      f"{r['llama_cpp']['decode_tok_s']:.1f} | {r['decode_ratio']:.2f}x | "
                      f"{r['go']['prefill_tok_s']:.1f} | {r['llama_cpp']['prefill_tok_s']:.1f} | "
                      f"{r['prefill_ratio']:.2f}x |")
@@ -150,12 +157,13 @@ def main(argv=None):
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     x = np.arange(len(rows))
+    labels = [f"{r['type']}\n{r['threads']}t" for r in rows]
     for ax, key, title in ((axes[0], "decode_tok_s", "decode"), (axes[1], "prefill_tok_s", "prefill")):
         ax.bar(x - 0.2, [r["go"][key] for r in rows], 0.4, label="Go engine")
         ax.bar(x + 0.2, [r["llama_cpp"][key] for r in rows], 0.4, label="llama.cpp")
-        ax.set_xticks(x, [r["type"] for r in rows])
+        ax.set_xticks(x, labels)
         ax.set_ylabel("tokens / s")
-        ax.set_title(f"{title}, nano, {args.threads} threads")
+        ax.set_title(f"{title}, nano-sized model")
         ax.legend()
     fig.tight_layout()
     fig.savefig(args.out / "go_engine.png", dpi=120)
