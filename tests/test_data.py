@@ -494,6 +494,40 @@ def test_hf_needs_datasets_package(tmp_path):
         prepare(tmp_path / "x", preset="nope", progress=False, log=lambda m: None)
 
 
+def test_hf_streaming_and_preset_mixture_with_a_stand_in_hub(tmp_path, monkeypatch, prepared):
+    """The streaming code path and preset ratios, with `datasets.load_dataset` replaced by a
+    local generator (there is no hub here)."""
+    import types
+    import zlib
+
+    opened = []
+
+    def load_dataset(path, name=None, split="train", streaming=False):
+        assert streaming and split == "train"
+        opened.append((path, name))
+        field = "content" if "stack" in path else "text"
+        rng = np.random.default_rng(zlib.crc32(f"{path}{name}".encode()))
+        return ({field: f"Row {i} of {path.split('/')[-1]}. " * int(rng.integers(1, 30))} for i in range(10**7))
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    quiet = dict(progress=False, log=lambda m: None, workers=1)
+    out = prepare(tmp_path / "en", preset="en_only", tokenizer_file=prepared / "tokenizer.model",
+                  max_tokens=300_000, **quiet)
+    assert ("HuggingFaceFW/fineweb-edu", "sample-10BT") in opened
+    meta = load_meta(out)["raw"]
+    total = meta["train"]["tokens"] + meta["val"]["tokens"]
+    assert 300_000 <= total < 301_000  # stops at the document that reaches --max-tokens
+    shares = {s["name"]: (s["ratio"], s["token_share"]) for s in meta["sources"]}
+    assert set(shares) == {"fineweb", "dclm", "stack", "megamath"}
+    for name, (ratio, got) in shares.items():
+        assert abs(got - ratio) < 0.02, (name, ratio, got)
+    assert meta["sources"][2]["path"] == "bigcode/the-stack-v2-dedup"
+    out2 = prepare(tmp_path / "one", hf="someone/corpus:cfg", tokenizer_file=prepared / "tokenizer.model",
+                   max_tokens=5000, **quiet)
+    assert opened[-1] == ("someone/corpus", "cfg")
+    assert load_meta(out2)["raw"]["sources"][0]["kind"] == "hf"
+
+
 def test_parquet_input(tmp_path, prepared):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
