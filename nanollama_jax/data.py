@@ -275,6 +275,12 @@ class Batches:
                            "version": 1}, sort_keys=True)
         self.fingerprint: str = hashlib.sha256(blob.encode()).hexdigest()
 
+    def epoch(self, k: int) -> float:
+        """Passes over the base data after global batch k (for a mixture: of the corpus its
+        weight repeats most)."""
+        rows = (self.global_batch - self.personality_rows) * (int(k) + 1)
+        return max(rows * c["weight"] / c["windows"] for c in self.corpora) if rows else 0.0
+
     def row_sources(self) -> list[str]:
         """For each row of a global batch: "personality" or "base"."""
         return ["personality" if p else "base" for p, _ in self._row_plan]

@@ -265,6 +265,7 @@ def test_batch_k_direct_and_process_slices(prepared):
             np.testing.assert_array_equal(np.concatenate(rows), full[k])
         assert parts[0].fingerprint == full.fingerprint  # the data order does not depend on process count
     assert full[10**6].shape == (8, 33)  # far past the first epoch: reshuffled epochs
+    assert full.epoch(len(full._base) // 8 - 1) == pytest.approx(1.0, abs=8 / len(full._base))
 
 
 def test_each_window_once_per_epoch(tmp_path):
