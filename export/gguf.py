@@ -292,7 +292,6 @@ def _write_metadata(w, config: LlamaConfig, vocab: Vocab, name: str, dtype: str,
     w.add_layer_norm_rms_eps(config.norm_eps)
     w.add_rope_freq_base(config.rope_theta)
     w.add_tokenizer_model("llama")
-    w.add_tokenizer_pre("default")
     w.add_token_list(vocab.tokens)
     w.add_token_scores(vocab.scores)
     w.add_token_types(vocab.types)

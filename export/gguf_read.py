@@ -53,6 +53,11 @@ def _field(reader, key, default=None):
     return f.contents()
 
 
+def _short(x: float) -> float:
+    """A float32 metadata value as the shortest decimal that rounds to it (1e-5, not 9.99999975e-06)."""
+    return float(str(np.float32(x)))
+
+
 def config_from_gguf(reader, source: str) -> LlamaConfig:
     arch = _field(reader, "general.architecture")
     if arch != "llama":
@@ -89,8 +94,8 @@ def config_from_gguf(reader, source: str) -> LlamaConfig:
         n_layer=need("llama.block_count"), n_embd=d, n_head=n_head,
         n_kv_head=_field(reader, "llama.attention.head_count_kv", n_head), vocab_size=len(tokens),
         sequence_len=_field(reader, "llama.context_length", 2048), head_dim=head_dim,
-        norm_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(_field(reader, "llama.rope.freq_base", 10000.0)))
+        norm_eps=_short(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=_short(_field(reader, "llama.rope.freq_base", 10000.0)))
     ffn = need("llama.feed_forward_length")
     ours = _field(reader, CONFIG_KEY)
     if ours:  # our own file: keep the fields llama.cpp has no key for (multiple_of, dtype, …)

@@ -532,9 +532,9 @@ def test_reference_extension_refused_by_the_cli(tmp_path, tokenizer_file):
 
 # ---------------------------------------------------------------- bad input
 
-def rewrite_gguf(src, dst, fields=None, tensor=None):
-    """Copy a GGUF, overriding metadata (`fields`: key -> (value, type[, sub_type]), None to drop)
-    and passing each tensor through `tensor(name, data) -> data`."""
+def rewrite_gguf(src, dst, fields=None, tensor=None, drop=()):
+    """Copy a GGUF, overriding metadata (`fields`: key -> (value, type[, sub_type]), None to drop),
+    passing each tensor through `tensor(name, data) -> data` and leaving out the tensors in `drop`."""
     from gguf import GGUFReader, GGUFValueType as V, GGUFWriter
 
     r = GGUFReader(str(src))
@@ -552,6 +552,8 @@ def rewrite_gguf(src, dst, fields=None, tensor=None):
         if spec is not None:
             w.add_key_value(key, *spec)
     for t in r.tensors:
+        if t.name in drop:
+            continue
         data = np.array(t.data)
         if tensor:
             data = tensor(t.name, data)
@@ -659,3 +661,37 @@ def test_row_length_not_fitting_the_block_falls_back_to_f16(tmp_path, tokenizer_
     diff = np.abs(llama_cpp_logits(tmp_path / "m.gguf", prompt_ids)
                   - our_logits(G.quantized_params(p, c, "q8_0"), c, prompt_ids)).max()
     assert diff <= 0.2
+
+
+def test_foreign_gguf_without_our_keys_reads_from_llama_metadata_alone(tmp_path, f32_gguf, params, config, sp):
+    """As a GGUF from another converter: no nanollama.* keys, and tied embeddings (no output.weight)."""
+    import sentencepiece as spm
+
+    from export.gguf_read import read_gguf
+
+    plain = rewrite_gguf(f32_gguf, tmp_path / "plain.gguf", {G.CONFIG_KEY: None, G.TOKENIZER_KEY: None})
+    config2, back, tok = read_gguf(plain)
+    assert config2 == config  # every field recovered from llama.* metadata (eps as 1e-5, not its float32)
+    assert_params_equal_on_real_rows(back, params, config)
+    rebuilt = spm.SentencePieceProcessor(model_proto=tok)
+    assert all(rebuilt.encode(t) == sp.encode(t) for t in TEXTS)
+
+    tied = rewrite_gguf(f32_gguf, tmp_path / "tied.gguf", {G.CONFIG_KEY: None}, drop={"output.weight"})
+    _, back, _ = read_gguf(tied)
+    np.testing.assert_array_equal(back["output"]["kernel"], np.asarray(back["tok_embeddings"]["embedding"]).T)
+
+
+def test_every_cli_has_help_with_an_example(capsys):
+    from export import gguf_read, nanollama
+
+    for mod, example in ((G, "python -m export.gguf --checkpoint"), (gguf_read, "python -m export.gguf_read"),
+                         (nanollama, "python -m export.nanollama --from-pt")):
+        with pytest.raises(SystemExit) as e:
+            mod.main(["--help"])
+        assert e.value.code == 0
+        assert example in capsys.readouterr().out
+
+
+def test_export_from_a_step_folder(tmp_path, run_dir, f32_gguf):
+    G.main(["--checkpoint", str(run_dir / "checkpoints" / "7"), "--output", str(tmp_path / "m.gguf"), "--quiet"])
+    assert (tmp_path / "m.gguf").read_bytes() == f32_gguf.read_bytes()  # deterministic, same bytes
