@@ -398,7 +398,7 @@ def main(argv=None):
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a run folder (latest step) or one of its step folders")
     p.add_argument("--output", required=True, help="the .gguf file to write")
-    p.add_argument("--dtype", default="f32", choices=DTYPE_NAMES,
+    p.add_argument("--dtype", default="f32", choices=DTYPE_NAMES, type=str.lower,
                    help="storage type of the matrices (norms stay F32); default f32")
     p.add_argument("--name", help="general.name (default: the run folder's name)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -24,6 +24,9 @@ TEXTS = [
     "punctuation!? (brackets) [x] {y} <z> --- ... ; : 'quotes' \"double\"",
     "non-ASCII: Ünïcödé, naïve café, Grüße, Ελληνικά, русский, 日本語, emoji ☃🙂",
     "tabs\tand\nnewlines\n\nend",
+    "",
+    "markup that is not special here: <s> a </s> <unk> <0x41>",
+    "trailing spaces   ",
 ]
 PROMPT = (" The quick brown fox, 12345 jumps over the lazy dog. Ünïcödé ☃ text!  Leading  spaces and more "
           "words to fill the prompt: def foo(x): return x * 2  # a comment about the function")
@@ -693,5 +696,6 @@ def test_every_cli_has_help_with_an_example(capsys):
 
 
 def test_export_from_a_step_folder(tmp_path, run_dir, f32_gguf):
-    G.main(["--checkpoint", str(run_dir / "checkpoints" / "7"), "--output", str(tmp_path / "m.gguf"), "--quiet"])
+    G.main(["--checkpoint", str(run_dir / "checkpoints" / "7"), "--output", str(tmp_path / "m.gguf"), "--dtype", "F32",
+            "--quiet"])
     assert (tmp_path / "m.gguf").read_bytes() == f32_gguf.read_bytes()  # deterministic, same bytes
