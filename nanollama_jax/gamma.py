@@ -15,7 +15,8 @@ A gamma is held as a flat state dict in nanollama's names and torch's [out, in] 
   dense|lowrank|sparse|mixed, rank, density, the model config, the tokenizer's sha256, the base
   params' fingerprint, provenance, a fidelity report when compressed); then per tensor K either
   `K` (dense float32), `K.lora_b` [out, r] + `K.lora_a` [r, in] (low rank: K = lora_b @ lora_a),
-  or `K.sparse_index` (flat int32/int64 positions) + `K.sparse_value` (float32);
+  or `K.sparse_index` (flat positions, uint16/uint32/uint64: the smallest that addresses the tensor)
+  + `K.sparse_value` (float32, or float16 with `compress --dtype float16`);
 * the reference's (nanollama) `.npz`: per K `K.indices_0`, `K.indices_1`, … (int32 COO, one per
   dimension), `K.values` (float16), `K.shape` (int64), plus `_metadata.layer_names` and
   `_metadata.total_norm`. Read automatically (the layout is detected from the keys) and written
@@ -29,11 +30,15 @@ shapes. A mismatch is one error listing every difference, and nothing is written
 i takes gamma layer j = floor(i·(L_g−1)/(L_b−1) + 1/2) (j = 0 when L_b = 1): first maps to first,
 last to last, the rest proportionally to the nearest layer.
 
-compress: `--rank R` gives every 2-D matrix inside the layers and the output head a truncated SVD
-of rank R; `--density D` keeps the top fraction D (by |value|) of each tensor as a sparse COO list.
+compress: three groups — layers (the 2-D matrices inside the layers), head (output), embedding.
+`--rank R` gives the layer matrices and head a truncated SVD of rank R; `--energy E` picks each
+matrix's rank as the smallest keeping the fraction E of its ‖γ‖² (adapts to each spectrum; with
+--rank, capped at R); `--density D` keeps the top fraction D (by |value|) as a sparse COO list.
 The token embedding (a lookup table whose rows are tokens: low rank fits it poorly) takes the
-density when one is given, else the rank. With both flags the layer matrices and head take the
-rank. 1-D tensors (the norms) are tiny and always kept dense. With --base, --data (personality
+density when one is given, else the low rank; layers and head take the low rank when asked, else
+the density. `--layers/--head/--embedding SPEC` override a group (`rank:R`, `energy:E`,
+`density:D`, `dense`). `--dtype float16` stores factors and values in half precision. 1-D tensors
+(the norms) are tiny and always kept dense float32. With --base, --data (personality
 data with a val split) and --personality (or a dense input gamma), the fidelity report measures
 the share of the personality effect kept: (loss_base − loss_compressed) / (loss_base −
 loss_personality) on the personality validation text.
@@ -81,14 +86,15 @@ class LowRank:
     """K = b @ a, b [out, r], a [r, in]."""
     kind = "lowrank"
 
-    def __init__(self, b, a):
-        self.b = np.asarray(b, dtype=np.float32)
-        self.a = np.asarray(a, dtype=np.float32)
+    def __init__(self, b, a, dtype=None):
+        dtype = np.dtype(dtype or (np.float16 if np.asarray(b).dtype == np.float16 else np.float32))
+        self.b = np.asarray(b, dtype=dtype)
+        self.a = np.asarray(a, dtype=dtype)
         self.shape = (self.b.shape[0], self.a.shape[1])
         self.rank = self.b.shape[1]
 
     def dense(self) -> np.ndarray:
-        return self.b @ self.a
+        return self.b.astype(np.float32) @ self.a.astype(np.float32)
 
     def arrays(self, key):
         return {f"{key}.lora_b": self.b, f"{key}.lora_a": self.a}
@@ -98,15 +104,17 @@ class Sparse:
     """Flat positions and their values; everything else zero."""
     kind = "sparse"
 
-    def __init__(self, shape, index, value):
+    def __init__(self, shape, index, value, dtype=None):
         self.shape = tuple(int(s) for s in shape)
         size = int(np.prod(self.shape))
-        self.index = np.asarray(index, dtype=np.int32 if size < 2**31 else np.int64)
-        self.value = np.asarray(value, dtype=np.float32)
+        # positions in the smallest unsigned type that addresses the whole tensor
+        self.index = np.asarray(index, dtype=np.uint16 if size <= 2**16 else np.uint32 if size <= 2**32 else np.uint64)
+        dtype = np.dtype(dtype or (np.float16 if np.asarray(value).dtype == np.float16 else np.float32))
+        self.value = np.asarray(value, dtype=dtype)
 
     def dense(self) -> np.ndarray:
         out = np.zeros(int(np.prod(self.shape)), np.float32)
-        out[self.index] = self.value
+        out[self.index] = self.value.astype(np.float32)
         return out.reshape(self.shape)
 
     def arrays(self, key):
@@ -302,9 +310,22 @@ def save_gamma(g: Gamma, path, layout: str = "ours") -> int:
         raise ValueError(f"unknown layout {layout!r} (ours | reference)")
     path = Path(path)
     with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+        write_npz(tmp, arrays)
     return path.stat().st_size
+
+
+def write_npz(path, arrays: dict) -> None:
+    """An .npz numpy reads as usual: tensors stored as they are, the metadata (JSON text) deflated."""
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", allowZip64=True) as zf:
+        for k, a in arrays.items():
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, np.asarray(a), allow_pickle=False)
+            method = zipfile.ZIP_DEFLATED if k == META_KEY else zipfile.ZIP_STORED
+            zf.writestr(zipfile.ZipInfo(k + ".npy", date_time=(1980, 1, 1, 0, 0, 0)), buf.getvalue(),
+                        compress_type=method)
 
 
 def reference_arrays(g: Gamma) -> dict:
@@ -493,13 +514,21 @@ def compose(gammas: list[Gamma], weights: list[float]) -> Gamma:
                  info={"composed": [{"gamma": g.source, "weight": float(w)} for g, w in zip(gammas, weights)]})
 
 
-def low_rank(a: np.ndarray, rank: int) -> LowRank:
+def low_rank(a: np.ndarray, rank: int | None = None, energy: float | None = None, dtype=np.float32) -> LowRank:
+    """Truncated SVD: rank `rank`, or the smallest rank keeping the fraction `energy` of the squared
+    Frobenius norm (both: the smaller of the two)."""
     u, s, vt = np.linalg.svd(np.asarray(a, np.float64), full_matrices=False)
-    r = max(0, min(rank, len(s)))
-    return LowRank((u[:, :r] * s[:r]).astype(np.float32), vt[:r].astype(np.float32))
+    r = len(s)
+    if energy is not None:
+        total = float(np.sum(s ** 2))
+        r = int(np.searchsorted(np.cumsum(s ** 2) / total, energy - 1e-12) + 1) if total else 0
+    if rank is not None:
+        r = min(r, rank)
+    r = max(0, min(r, len(s)))
+    return LowRank(u[:, :r] * s[:r], vt[:r], dtype)
 
 
-def top_fraction(a: np.ndarray, density: float) -> Sparse:
+def top_fraction(a: np.ndarray, density: float, dtype=np.float32) -> Sparse:
     flat = np.asarray(a, np.float32).ravel()
     n = int(round(density * flat.size))
     if n >= flat.size:
@@ -508,27 +537,79 @@ def top_fraction(a: np.ndarray, density: float) -> Sparse:
         idx = np.zeros(0, np.int64)
     else:
         idx = np.sort(np.argpartition(-np.abs(flat), n - 1)[:n])
-    return Sparse(a.shape, idx, flat[idx])
+    return Sparse(a.shape, idx, flat[idx], dtype)
 
 
-def compress(g: Gamma, rank: int | None = None, density: float | None = None) -> Gamma:
-    if rank is None and density is None:
-        raise ValueError("compress needs --rank and/or --density")
-    if rank is not None and rank < 1:
-        raise ValueError(f"--rank must be >= 1, got {rank}")
-    if density is not None and not 0 < density <= 1:
-        raise ValueError(f"--density must be in (0, 1], got {density}")
+GROUPS = ("layers", "head", "embedding")
+
+
+def group_of(name: str) -> str:
+    return {"tok_embeddings.weight": "embedding", "output.weight": "head"}.get(name, "layers")
+
+
+def parse_spec(text: str, what: str = "spec") -> dict:
+    """'rank:8', 'energy:0.7', 'density:0.25', 'rank:16,energy:0.8' or 'dense' → a spec dict."""
+    spec = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        if part == "dense":
+            spec["dense"] = True
+            continue
+        key, _, value = part.partition(":")
+        try:
+            spec[key] = int(value) if key == "rank" else float(value)
+        except ValueError:
+            raise ValueError(f"{what}: bad value in {part!r}") from None
+        if key not in ("rank", "energy", "density"):
+            raise ValueError(f"{what}: unknown setting {key!r} (rank:R, energy:E, density:D or dense)")
+    return _check_spec(spec, what)
+
+
+def _check_spec(spec: dict, what: str) -> dict:
+    if spec.get("rank") is not None and spec["rank"] < 1:
+        raise ValueError(f"{what}: rank must be >= 1, got {spec['rank']}")
+    if spec.get("density") is not None and not 0 <= spec["density"] <= 1:
+        raise ValueError(f"{what}: density must be in [0, 1], got {spec['density']}")
+    if spec.get("energy") is not None and not 0 < spec["energy"] <= 1:
+        raise ValueError(f"{what}: energy must be in (0, 1], got {spec['energy']}")
+    if spec.get("density") is not None and (spec.get("rank") or spec.get("energy")):
+        raise ValueError(f"{what}: choose low rank (rank/energy) or density, not both")
+    return spec
+
+
+def default_specs(rank=None, density=None, energy=None) -> dict:
+    """The documented defaults: layer matrices and head low rank (rank and/or energy) when asked,
+    else sparse; the token embedding sparse when a density is given, else low rank."""
+    lowrank = {k: v for k, v in (("rank", rank), ("energy", energy)) if v is not None}
+    sparse = {"density": density} if density is not None else {}
+    main = lowrank or sparse
+    return {"layers": main, "head": main, "embedding": sparse or lowrank}
+
+
+def compress(g: Gamma, rank: int | None = None, density: float | None = None, energy: float | None = None,
+             dtype: str = "float32", specs: dict | None = None) -> Gamma:
+    """Per-group compression (groups: layers, head, embedding); `specs` overrides the defaults of
+    rank/density/energy per group. 1-D tensors stay dense float32."""
+    if dtype not in ("float32", "float16"):
+        raise ValueError(f"--dtype must be float32 or float16, got {dtype}")
+    plan = default_specs(rank, density, energy)
+    plan.update(specs or {})
+    for group, spec in plan.items():
+        _check_spec(spec, f"--{group}" if specs and group in specs else "compress")
+    if not any(plan.values()):
+        raise ValueError("compress needs --rank, --energy and/or --density (or per-group settings)")
     tensors = {}
     for k, e in g.tensors.items():
         a = e.dense()
-        if a.ndim < 2:
+        spec = plan[group_of(k)]
+        if a.ndim < 2 or not spec or spec.get("dense"):
             tensors[k] = Dense(a)
-        elif k == "tok_embeddings.weight":
-            tensors[k] = top_fraction(a, density) if density is not None else low_rank(a, rank)
+        elif "density" in spec:
+            tensors[k] = top_fraction(a, spec["density"], dtype)
         else:
-            tensors[k] = low_rank(a, rank) if rank is not None else top_fraction(a, density)
+            tensors[k] = low_rank(a, spec.get("rank"), spec.get("energy"), dtype)
     info = dict(g.info)
-    info["compressed_from"] = {"gamma": g.source, "rank": rank, "density": density}
+    info["compressed_from"] = {"gamma": g.source, "plan": plan, "dtype": dtype}
+    info["ranks"] = {k: t.rank for k, t in tensors.items() if t.kind == "lowrank"}
     return Gamma(tensors, g.config, g.tokenizer_sha256, g.base_fingerprint, rank, density, info, g.source)
 
 
@@ -747,10 +828,16 @@ def _cmd_compress(a):
             sides.append(run_side(f"personality {a.personality}", open_run(a.personality)))
         for n in check_compatible(sides, what="measure fidelity"):
             print(f"note: {n}", file=sys.stderr)
-    c = compress(g, a.rank, a.density)
+    specs = {grp: parse_spec(getattr(a, grp), f"--{grp}") for grp in GROUPS if getattr(a, grp)}
+    c = compress(g, a.rank, a.density, a.energy, a.dtype, specs)
     dense_bytes, size = c.dense_nbytes(), c.nbytes()
-    print(f"compressed {a.gamma}: rank {a.rank}, density {a.density}: {_fmt_bytes(size)} of tensor data vs "
-          f"{_fmt_bytes(dense_bytes)} dense float32 ({100 * size / dense_bytes:.1f}%)")
+    plan = c.info["compressed_from"]["plan"]
+    print(f"compressed {a.gamma} ({a.dtype}): " + "; ".join(
+        f"{grp} {', '.join(f'{k} {v}' for k, v in plan[grp].items()) or 'dense'}" for grp in GROUPS))
+    if c.info["ranks"]:
+        print("ranks: " + ", ".join(f"{k} {r}" for k, r in c.info["ranks"].items()))
+    print(f"size: {_fmt_bytes(size)} of tensor data vs {_fmt_bytes(dense_bytes)} dense float32 "
+          f"({100 * size / dense_bytes:.1f}%)")
     c.info["size"] = {"bytes": size, "dense_bytes": dense_bytes, "ratio": size / dense_bytes}
     if report_wanted:
         rb, base = load_state(a.base)
@@ -846,11 +933,20 @@ def build_parser() -> argparse.ArgumentParser:
                                    "top-|value| fraction of each tensor (the token embedding takes D when given, else "
                                    "R); norms stay dense. With --base --data [--personality]: the share of the "
                                    "personality loss gap kept on the personality validation text.",
-                       epilog="example:\n  python -m nanollama_jax.gamma compress pirate.npz --rank 8 --density 0.05 "
-                              "-o pirate-small.npz \\\n      --base runs/base --personality runs/pirate --data data/pirate")
+                       epilog="examples:\n  python -m nanollama_jax.gamma compress pirate.npz --rank 8 -o pirate-r8.npz\n"
+                              "  python -m nanollama_jax.gamma compress pirate.npz --energy 0.75 --head density:0.25 "
+                              "--embedding density:0.01 \\\n      --dtype float16 -o pirate-small.npz --base runs/base "
+                              "--personality runs/pirate --data data/pirate")
     k.add_argument("gamma")
-    k.add_argument("--rank", type=int, help="rank of every 2-D matrix")
-    k.add_argument("--density", type=float, help="fraction of entries kept (0 < D <= 1)")
+    k.add_argument("--rank", type=int, help="truncated-SVD rank of the layer matrices and head")
+    k.add_argument("--energy", type=float,
+                   help="per-matrix rank: the smallest keeping this fraction of ‖γ‖² (with --rank: at most R)")
+    k.add_argument("--density", type=float, help="fraction of entries kept, by |value| (0 <= D <= 1)")
+    for grp in GROUPS:
+        k.add_argument(f"--{grp}", metavar="SPEC",
+                       help=f"override for the {grp} group: rank:R, energy:E, density:D (comma-separated) or dense")
+    k.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                   help="storage of factors and kept values (default float32; norms stay float32)")
     k.add_argument("-o", "--output", required=True)
     k.add_argument("--base", help="fidelity report: the base run")
     k.add_argument("--personality", help="fidelity report: the personality run (default base + dense gamma)")
