@@ -180,6 +180,15 @@ def test_nanollama_folder_loads_and_val_never_trains(tmp_path):
     ref = _nanollama_folder(tmp_path / "ref")
     meta = load_meta(ref)
     assert meta["kind"] == "nanollama" and meta["train"]["tokens"] == 6000 and meta["val"]["tokens"] == 3000
+    import grain
+    from nanollama_jax.data import TokenWindows
+
+    win = TokenWindows(meta["train"]["shards"], meta["dtype"], 64)
+    assert isinstance(win, grain.sources.RandomAccessDataSource)
+    assert len(win) == (6000 - 1) // 64
+    stream = np.concatenate([np.fromfile(s["path"], dtype="<u2") for s in meta["train"]["shards"]])
+    i = 3000 // 64  # this window spans the two shards
+    np.testing.assert_array_equal(win[i], stream[i * 64:i * 64 + 65])
     b = Batches(ref, seq_len=64, global_batch=8, seed=0)
     seen = np.concatenate([b[k].ravel() for k in range(300)])  # ~5 epochs of the training windows
     assert seen.max() < 1000, "a validation token appeared in a training batch"
