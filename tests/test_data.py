@@ -357,6 +357,12 @@ def test_personality_shapes(tmp_path, prepared):
     other.write_bytes(b"not the base tokenizer")
     with pytest.raises(DataError, match="differs from the base"):
         prepare_personality([jl], prepared, tmp_path / "pers2", tokenizer_file=other, progress=False)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    r = subprocess.run([PY, "-m", "data.prepare_personality", "--input", str(jl), "--tokenizer-dir", str(prepared),
+                        "--output", str(out), "--tokenizer", str(other)], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1
+    assert r.stderr.startswith(f"error: {other}: tokenizer sha256") and "differs from the base" in r.stderr
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"question": "?"}) + "\n")
     with pytest.raises(DataError, match=r"bad\.jsonl:2: no text"):
