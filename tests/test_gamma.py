@@ -33,8 +33,20 @@ def run(*args):
     return r
 
 
-def gamma_cli(*args):
-    return run("-m", "nanollama_jax.gamma", *map(str, args))
+def gamma_cli(*args, subprocess_=False):
+    """The CLI, in-process (fast: jax is already imported) unless subprocess_; same exit codes and output."""
+    if subprocess_:
+        return run("-m", "nanollama_jax.gamma", *map(str, args))
+    import contextlib
+    import io
+
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            G.main([str(a) for a in args])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +118,7 @@ def runs(tmp_path_factory, corpora):
 @pytest.fixture(scope="module")
 def gamma_file(runs, tmp_path_factory):
     path = tmp_path_factory.mktemp("gamma") / "pirate.npz"
-    r = gamma_cli("extract", "--personality", runs["pirate"], "--base", runs["base"], "-o", path)
+    r = gamma_cli("extract", "--personality", runs["pirate"], "--base", runs["base"], "-o", path, subprocess_=True)
     assert r.returncode == 0, r.stderr
     assert "wrote" in r.stdout
     return path
@@ -377,5 +389,5 @@ def test_reference_layout_with_wrong_shape_is_refused(runs, gamma_file, tmp_path
 
 def test_help_has_examples():
     for sub in ("extract", "inject", "compose", "compress", "stats"):
-        r = gamma_cli(sub, "--help")
+        r = gamma_cli(sub, "--help", subprocess_=sub == "inject")
         assert r.returncode == 0 and "example" in r.stdout, sub
