@@ -128,6 +128,32 @@ def test_low_rank_adapter_matches_the_injected_compressed_model(setup, config, t
     assert diff <= 1e-3
 
 
+def test_mixed_float16_and_reference_layout_gammas_export(setup, config, tokenizer_file, tmp_path):
+    """Energy-ranked float16 layers, sparse head and embedding (carried densified, full rank), and a gamma
+    read from the reference's layout (float16 values, no config): each adapter matches its injected model."""
+    root, base, g = setup
+    c = G.compress(g, energy=0.5, dtype="float16", specs={"head": {"density": 0.2}, "embedding": {"density": 0.05}})
+    G.save_gamma(c, tmp_path / "mixed.npz")
+    G.save_gamma(g, tmp_path / "ref.npz", layout="reference")
+    for name in ("mixed", "ref"):
+        r = lora_cli(tmp_path / f"{name}.npz", "--base", root / "base.gguf", "-o", tmp_path / f"{name}.gguf")
+        assert r.returncode == 0, r.stderr
+        inj = _injected_gguf(tmp_path, base, G.load_gamma(tmp_path / f"{name}.npz"), config, tokenizer_file,
+                             f"inj-{name}.gguf")
+        diff = np.abs(logits(root / "base.gguf", IDS, lora=tmp_path / f"{name}.gguf") - logits(inj, IDS)).max()
+        print(f"{name}: max |logit diff| {diff:.2e}")
+        assert diff <= 1e-3
+
+
+def test_other_tokenizer_is_refused(setup, tmp_path):
+    root, base, g = setup
+    import dataclasses
+
+    G.save_gamma(dataclasses.replace(g, tokenizer_sha256="0" * 64), tmp_path / "tok.npz")
+    r = lora_cli(tmp_path / "tok.npz", "--base", root / "base.gguf", "-o", tmp_path / "x.gguf")
+    assert r.returncode == 1 and "tokenizer sha256" in r.stderr and not (tmp_path / "x.gguf").exists()
+
+
 def test_norm_deltas_are_named_or_refused(setup, config, tmp_path):
     root, base, g = setup
     t = dict(g.tensors)
