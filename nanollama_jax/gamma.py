@@ -741,7 +741,9 @@ def plot_stats(s: dict, output, title: str = "gamma") -> Path:
     if has_ref:
         ax.bar(x + 0.2, [r["ref_norm"] for r in layers], 0.4, label="‖reference delta‖")
     ax.set_xticks(x, labels)
-    ax.set_xlabel("layer")
+    if has_ref:
+        ax.set_yscale("log")  # a reference delta (another seed) can be orders of magnitude larger
+    ax.set_xlabel("layer ('top': embedding, final norm, head)")
     ax.set_title("norm per layer")
     ax.legend()
     ax = axes[1]
