@@ -33,7 +33,7 @@ import numpy as np
 
 from . import tokenizer as tok
 from .format import (BOS_ID, DEFAULT_SHARD_SIZE, FORMAT_NAME, FORMAT_VERSION, DataError, dtype_for_vocab,
-                     dtype_name, load_meta, read_json, sha256_bytes, sha256_file, write_json_atomic)
+                     dtype_name, load_meta, sha256_bytes, sha256_file, write_json_atomic)
 from .sources import PRESETS, BuiltinSource, HFSource, LocalSource, Mixture
 
 DEFAULT_VAL_FRACTION = 0.01

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from .format import DataError, load_meta, sha256_file
-from .prepare import DEFAULT_SHARD_SIZE, default_workers, prepare
+from .prepare import DEFAULT_SHARD_SIZE, prepare
 from .sources import LocalSource, _open_text, _kind, split_text_documents
 
 SHAPES = "messages, instruction/response, user/assistant or text"

@@ -121,14 +121,14 @@ def _layer_slice(a, i):
 def iter_state(params: Params, config: LlamaConfig) -> Iterator[tuple[str, "callable"]]:
     """(nanollama name, thunk → float32 [out, in] array) in GGUF order, one tensor at a time,
     through statedict's mapping tables."""
-    from nanollama_jax.statedict import _get
+    from nanollama_jax.statedict import get_path
 
     def top(path, transpose):
-        return lambda: (np.asarray(_get(params, path)).T if transpose else np.asarray(_get(params, path)))
+        return lambda: (np.asarray(get_path(params, path)).T if transpose else np.asarray(get_path(params, path)))
 
     def layer(path, i, transpose):
         def f():
-            a = _layer_slice(_get(params["layers"], path), i)
+            a = _layer_slice(get_path(params["layers"], path), i)
             return a.T if transpose else a
         return f
 
@@ -191,7 +191,7 @@ def roundtrip_tensor(a: np.ndarray, qtype) -> np.ndarray:
 def quantized_params(params: Params, config: LlamaConfig, dtype: str) -> Params:
     """Our params with every tensor stored as the export would store it for --dtype and read back
     (in our layout; the padding rows are left as they are). The reference for quantised parity."""
-    from nanollama_jax.statedict import _get, _set
+    from nanollama_jax.statedict import get_path, set_path
 
     def roundtrip(name, a):
         qtype, _ = tensor_qtype(a.shape, dtype)
@@ -202,16 +202,16 @@ def quantized_params(params: Params, config: LlamaConfig, dtype: str) -> Params:
 
     out: Params = {}
     for path, name, transpose in TOP_TENSORS:
-        a = np.asarray(_get(params, path), dtype=np.float32)
+        a = np.asarray(get_path(params, path), dtype=np.float32)
         q = roundtrip(name, a.T if transpose else a)
-        _set(out, path, q.T if transpose else q)
+        set_path(out, path, q.T if transpose else q)
     for path, name, transpose in LAYER_TENSORS:
-        stacked = np.asarray(_get(params["layers"], path), dtype=np.float32)
+        stacked = np.asarray(get_path(params["layers"], path), dtype=np.float32)
         layers = []
         for i in range(config.n_layer):
             q = roundtrip(name, stacked[i].T if transpose else stacked[i])
             layers.append(q.T if transpose else q)
-        _set(out, ("layers",) + path, np.stack(layers))
+        set_path(out, ("layers",) + path, np.stack(layers))
     return out
 
 

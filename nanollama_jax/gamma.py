@@ -55,6 +55,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import LlamaConfig
+from .statedict import state_dict_shapes
 
 FORMAT = "nanollama-jax-gamma"
 VERSION = 1
@@ -196,28 +197,8 @@ def run_side(label, run, state=None) -> Side:
     if state is not None:
         shapes = {k: tuple(v.shape) for k, v in state.items()}
     else:
-        shapes = expected_shapes(run.config)
+        shapes = state_dict_shapes(run.config)
     return Side(label, run.config, run.info.get("tokenizer_sha256"), shapes)
-
-
-def expected_shapes(config: LlamaConfig) -> dict:
-    """{nanollama name: [out, in] shape} of a config, in state-dict order (nothing allocated)."""
-    from .model import param_shapes
-    from .statedict import LAYER_TENSORS, TOP_TENSORS, _get
-
-    tree = param_shapes(config)
-
-    def oriented(shape, transpose):
-        return tuple(shape[::-1]) if transpose else tuple(shape)
-
-    path, name, t = TOP_TENSORS[0]
-    out = {name: oriented(_get(tree, path).shape, t)}
-    for i in range(config.n_layer):
-        for path, name, t in LAYER_TENSORS:
-            out[f"layers.{i}.{name}"] = oriented(_get(tree["layers"], path).shape[1:], t)
-    for path, name, t in TOP_TENSORS[1:]:
-        out[name] = oriented(_get(tree, path).shape, t)
-    return out
 
 
 def gamma_side(label, g: Gamma) -> Side:

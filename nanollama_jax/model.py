@@ -44,6 +44,17 @@ def uniform_fan_in(d: int):
     return init
 
 
+def real_vocab_only(init, vocab_size: int, axis: int):
+    """Zero the padding rows past the real vocabulary: they are never looked up nor predicted, and
+    zeros let every export drop and restore them exactly."""
+
+    def masked(key, shape, dtype=jnp.float32):
+        keep = jnp.arange(shape[axis]) < vocab_size
+        return jnp.where(jnp.expand_dims(keep, 1 - axis), init(key, shape, dtype), 0.0)
+
+    return masked
+
+
 def rms_norm(x: jax.Array, eps: float) -> jax.Array:
     x32 = x.astype(jnp.float32)
     return x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
@@ -151,7 +162,8 @@ class Llama(nn.Module):
         if positions is None:
             positions = jnp.broadcast_to(cache_start + jnp.arange(tokens.shape[1]), tokens.shape)
         embed = nn.Embed(c.padded_vocab, c.n_embd, dtype=dt, param_dtype=jnp.float32,
-                         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")),
+                         embedding_init=nn.with_logical_partitioning(
+                             real_vocab_only(nn.initializers.normal(1.0), c.vocab_size, 0), ("vocab", "embed")),
                          name="tok_embeddings")
         x = embed(tokens)
         block = Block
@@ -162,7 +174,8 @@ class Llama(nn.Module):
                          metadata_params={nn.PARTITION_NAME: "layers"})
         x, cache = layers(c, name="layers")(x, positions, cache_start, cache)
         x = RMSNorm(c.norm_eps, dt, name="norm")(x)
-        logits = dense(c.padded_vocab, ("embed", "vocab"), nn.initializers.normal(0.001), dt, "output")(x)
+        head_init = real_vocab_only(nn.initializers.normal(0.001), c.vocab_size, 1)
+        logits = dense(c.padded_vocab, ("embed", "vocab"), head_init, dt, "output")(x)
         logits = logits.astype(jnp.float32)
         if c.softcap:
             logits = c.softcap * jnp.tanh(logits / c.softcap)

@@ -29,13 +29,13 @@ TOP_TENSORS = (
 )
 
 
-def _get(tree, path):
+def get_path(tree, path):
     for key in path:
         tree = tree[key]
     return tree
 
 
-def _set(tree, path, value):
+def set_path(tree, path, value):
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
     tree[path[-1]] = value
@@ -48,17 +48,36 @@ def state_dict_names(config: LlamaConfig) -> list[str]:
     return names + [name for _, name, _ in TOP_TENSORS[1:]]
 
 
+def state_dict_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """{nanollama name: [out, in] shape} of a config, in state-dict order (nothing allocated)."""
+    from .model import param_shapes
+
+    tree = param_shapes(config)
+
+    def oriented(shape, transpose):
+        return tuple(shape[::-1]) if transpose else tuple(shape)
+
+    path, name, t = TOP_TENSORS[0]
+    out = {name: oriented(get_path(tree, path).shape, t)}
+    for i in range(config.n_layer):
+        for path, name, t in LAYER_TENSORS:
+            out[f"layers.{i}.{name}"] = oriented(get_path(tree["layers"], path).shape[1:], t)
+    for path, name, t in TOP_TENSORS[1:]:
+        out[name] = oriented(get_path(tree, path).shape, t)
+    return out
+
+
 def to_state_dict(params: Params) -> dict[str, np.ndarray]:
     """Flat {nanollama name: array [out, in]} from our params (host copies, one tensor at a time)."""
     out = {}
     for path, name, transpose in TOP_TENSORS:
-        a = np.asarray(_get(params, path))
+        a = np.asarray(get_path(params, path))
         out[name] = a.T if transpose else a
     layers = params["layers"]
-    n_layer = _get(layers, LAYER_TENSORS[0][0]).shape[0]
+    n_layer = get_path(layers, LAYER_TENSORS[0][0]).shape[0]
     for i in range(n_layer):
         for path, name, transpose in LAYER_TENSORS:
-            a = np.asarray(_get(layers, path)[i])
+            a = np.asarray(get_path(layers, path)[i])
             out[f"layers.{i}.{name}"] = a.T if transpose else a
     return out
 
@@ -81,10 +100,10 @@ def from_state_dict(state: dict[str, np.ndarray], config: LlamaConfig, source: s
         return a
 
     for path, name, transpose in TOP_TENSORS:
-        _set(params, path, take(name, transpose, _get(expected, path).shape))
+        set_path(params, path, take(name, transpose, get_path(expected, path).shape))
     for path, name, transpose in LAYER_TENSORS:
-        want = _get(expected["layers"], path).shape[1:]
-        _set(params, ("layers",) + path,
+        want = get_path(expected["layers"], path).shape[1:]
+        set_path(params, ("layers",) + path,
              np.stack([take(f"layers.{i}.{name}", transpose, want) for i in range(config.n_layer)]))
     extra = set(state) - set(state_dict_names(config))
     if extra:

@@ -270,8 +270,8 @@ def main(argv=None):
     p.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
     p.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after this many steps of this invocation")
     p.add_argument("--eval-every", type=int, help="validation every N steps (default: 10 times per run)")
-    p.add_argument("--eval-batches", type=int, default=8)
-    p.add_argument("--sample-every", type=int, help="text samples every N steps (0 = only at the end)")
+    p.add_argument("--eval-batches", type=int, default=4, help="validation batches per evaluation")
+    p.add_argument("--sample-every", type=int, help="text samples every N steps and at the end (0 = never)")
     p.add_argument("--save-every", type=int, help="checkpoint every N steps (default: 10 times per run)")
     p.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
     p.add_argument("--log-every", type=int, default=10)
@@ -444,7 +444,7 @@ def loop(plan, args, run, mgr, batches, val, bpt, params, opt_state, train_step,
                 metrics.write(step=step, val_loss=val_loss, val_bpb=bpb)
                 if jax.process_index() == 0:
                     bar.write(f"step {step:5d} | validation loss {val_loss:.4f} | {bpb:.3f} bits per byte")
-            if (sample_every and step % sample_every == 0) or step == plan.steps:
+            if sample_every and (step % sample_every == 0 or step == plan.steps):
                 for text in samples(params, config, run.tokenizer_path, plan.seed):
                     metrics.write(step=step, sample=text)
                     if jax.process_index() == 0:

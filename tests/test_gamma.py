@@ -17,7 +17,7 @@ import pytest
 from nanollama_jax import checkpoint, gamma as G
 from nanollama_jax import model as M
 from nanollama_jax.config import LlamaConfig
-from nanollama_jax.statedict import from_state_dict, to_state_dict
+from nanollama_jax.statedict import from_state_dict
 
 PIRATE = ["Arr, matey! The {n} be {a} as the seven seas, says Captain Barnacle Bill.",
           "Yo ho ho! Hoist the {n}, ye scurvy dogs, for the {n2} be {a} tonight!",

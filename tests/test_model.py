@@ -115,8 +115,11 @@ def test_logits_match_transformers(which, request, tmp_path):
     assert all(np.array_equal(a, b) for a, b in zip(leaves(params), leaves(params_back)))
 
 
-def test_padded_vocab_logits_are_masked(mha_config):
+def test_padded_vocab_rows_are_zero_and_masked(mha_config):
     p = M.init_params(mha_config)
+    assert not np.asarray(p["tok_embeddings"]["embedding"])[1000:].any()
+    assert not np.asarray(p["output"]["kernel"])[:, 1000:].any()
+    assert np.asarray(p["tok_embeddings"]["embedding"])[:1000].all()
     logits = np.asarray(M.forward(p, jnp.zeros((1, 4), jnp.int32), mha_config))
     assert logits.shape[-1] == 1024 and np.all(logits[..., 1000:] <= -1e8)
 
