@@ -417,7 +417,7 @@ def loop(plan, args, run, mgr, batches, val, bpt, params, opt_state, train_step,
             dt = time.perf_counter() - t0
             step += 1
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                raise FloatingPointError(f"step {step}: loss {loss}, grad norm {grad_norm} — training diverged; "
+                raise ValueError(f"step {step}: loss {loss}, grad norm {grad_norm} — training diverged; "
                                          f"the last good checkpoint (step {saved_at}) is kept. Try a lower --lr-scale.")
             if step > start_step + 1:  # the first step of an invocation includes compilation
                 window.append((plan.tokens_per_step, dt))

@@ -545,7 +545,7 @@ def test_hf_streaming_and_preset_mixture_with_a_stand_in_hub(tmp_path, monkeypat
 
 
 def test_parquet_input(tmp_path, prepared):
-    pa = pytest.importorskip("pyarrow")
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     docs = _english(5, 9)

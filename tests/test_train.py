@@ -118,6 +118,17 @@ def test_refuses_to_overwrite_or_resume_with_other_data(tmp_path, text_data, str
     assert "different data" in capsys.readouterr().err
 
 
+def test_divergence_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path, text_data, capsys):
+    with pytest.raises(SystemExit) as e:  # a learning rate of ~1e29 overflows the activations at step 2
+        run_train(tmp_path, text_data, "diverged", "--mesh", "1x1", "--steps", "5", "--save-every", "1",
+                  "--optimizer", "adamw", "--lr-scale", "1e30")
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "training diverged" in err and "step 1" in err
+    assert checkpoint.saved_steps(tmp_path / "diverged") == [1]
+    _, params = checkpoint.load_params(tmp_path / "diverged")
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(params))
+
+
 def test_two_processes_train_like_one_with_four_devices(tmp_path, text_data):
     one = run_train(tmp_path, text_data, "four", "--mesh", "4x1", "--batch-size", "2", "--steps", "6")
     with socket.socket() as s:
