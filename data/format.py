@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from nanollama_jax.files import sha256_file  # noqa: F401  (re-exported for data/)
+
 FORMAT_NAME = "nanollama-jax-shards"
 FORMAT_VERSION = 1
 UINT16_MAX_VOCAB = 65536
@@ -54,14 +56,6 @@ def parse_dtype(name: str, where: str) -> np.dtype:
     if name not in table:
         raise DataError(f"{where}: unsupported dtype {name!r} (expected uint16 or uint32)")
     return table[name]
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def sha256_bytes(data: bytes) -> str:

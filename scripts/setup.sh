@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
-# Sets up everything nanollama-jax needs on a fresh Debian machine: the Go toolchain (apt)
-# and a virtual environment in .venv with the package and its test extra (pip).
+# Sets up nanollama-jax on a fresh Debian machine in .venv (pip).
+#   bash scripts/setup.sh        the package: enough to prepare data, train, sample and export
+#   bash scripts/setup.sh test   plus the test extra (torch CPU, transformers, llama-cpp-python, which
+#                                compiles llama.cpp) and the Go toolchain (apt) for the Go engine
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! command -v go >/dev/null 2>&1; then
+case "${1:-}" in
+  "") extra="" ;;
+  test) extra="[test]" ;;
+  *) echo "usage: bash scripts/setup.sh [test]" >&2; exit 2 ;;
+esac
+if [ -n "$extra" ] && ! command -v go >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -q >/dev/null && apt-get install -y -q golang-go >/dev/null
   else
@@ -13,4 +20,4 @@ if ! command -v go >/dev/null 2>&1; then
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
-.venv/bin/pip install -q -e ".[${1:-test}]"
+.venv/bin/pip install -q -e ".${extra}"
