@@ -445,10 +445,7 @@ func (j *attnJob) do(lo, hi int, scratch *[]float32) {
 		for p := range sc {
 			// llama.cpp rounds the probabilities to fp16 for the V product.
 			w := f16Table[f32ToF16(sc[p]*inv)]
-			vr := vc[p*kvd+kvo : p*kvd+kvo+hd]
-			for i, v := range vr {
-				out[i] += w * f16Table[v]
-			}
+			axpyF16(out, w, vc[p*kvd+kvo:p*kvd+kvo+hd])
 		}
 	}
 }

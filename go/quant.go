@@ -523,7 +523,64 @@ func dotRow(t GGMLType, w []byte, a *QAct, r int) float32 {
 	panic("dotRow: unsupported type " + t.String())
 }
 
+// dotF32, dotF16, dotQ8_0 and dotQ4_0 use the AVX2 kernels when the CPU
+// has them (simd_amd64.s) and the pure-Go versions otherwise. The kernels
+// give bit-identical results to the Go code (same float operations in the
+// same order; integer block sums are exact), which matters: llama.cpp
+// parity depends on activation quantisation rounding the same way, and one
+// flipped rounding propagates through the KV cache.
+
 func dotF32(w, x []float32) float32 {
+	n := len(w)
+	if !useAVX2 || n&7 != 0 || n == 0 {
+		return dotF32Go(w, x)
+	}
+	x = x[:n]
+	return dotF32AVX2(&w[0], &x[0], n)
+}
+
+func dotF16(w []uint16, x []float32) float32 {
+	n := len(w)
+	if !useAVX2 || n&7 != 0 || n == 0 {
+		return dotF16Go(w, x)
+	}
+	x = x[:n]
+	return dotF16AVX2(&w[0], &x[0], n)
+}
+
+// axpyF16 does out[i] += a*v[i].
+func axpyF16(out []float32, a float32, v []uint16) {
+	n := len(v)
+	out = out[:n]
+	m := 0
+	if useAVX2 && n >= 8 {
+		m = n &^ 7
+		axpyF16AVX2(&out[0], a, &v[0], m)
+	}
+	for i := m; i < n; i++ {
+		out[i] += a * f16Table[v[i]]
+	}
+}
+
+func dotQ8_0(w []byte, qs []int8, d []float32) float32 {
+	nb := len(d)
+	if !useAVX2 || nb == 0 {
+		return dotQ8_0Go(w, qs, d)
+	}
+	_, _ = w[nb*34-1], qs[nb*32-1]
+	return dotQ8_0AVX2(&w[0], &qs[0], &d[0], nb)
+}
+
+func dotQ4_0(w []byte, qs []int8, d []float32, ysum []int32) float32 {
+	nb := len(d)
+	if !useAVX2 || nb == 0 {
+		return dotQ4_0Go(w, qs, d, ysum)
+	}
+	_, _ = w[nb*18-1], qs[nb*32-1]
+	return dotQ4_0AVX2(&w[0], &qs[0], &d[0], nb)
+}
+
+func dotF32Go(w, x []float32) float32 {
 	x = x[:len(w)]
 	var s0, s1, s2, s3, s4, s5, s6, s7 float32
 	i := 0
@@ -545,7 +602,7 @@ func dotF32(w, x []float32) float32 {
 	return ((s0 + s4) + (s1 + s5)) + ((s2 + s6) + (s3 + s7))
 }
 
-func dotF16(w []uint16, x []float32) float32 {
+func dotF16Go(w []uint16, x []float32) float32 {
 	x = x[:len(w)]
 	tab := &f16Table
 	var s0, s1, s2, s3, s4, s5, s6, s7 float32
@@ -596,7 +653,7 @@ func dot32(a *[32]int8, b *[32]int8) int32 {
 	return (s0 + s1) + (s2 + s3)
 }
 
-func dotQ8_0(w []byte, qs []int8, d []float32) float32 {
+func dotQ8_0Go(w []byte, qs []int8, d []float32) float32 {
 	nb := len(d)
 	w = w[:nb*34]
 	qs = qs[:nb*32]
@@ -610,7 +667,7 @@ func dotQ8_0(w []byte, qs []int8, d []float32) float32 {
 	return sum
 }
 
-func dotQ4_0(w []byte, qs []int8, d []float32, ysum []int32) float32 {
+func dotQ4_0Go(w []byte, qs []int8, d []float32, ysum []int32) float32 {
 	nb := len(d)
 	w = w[:nb*18]
 	qs = qs[:nb*32]

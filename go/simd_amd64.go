@@ -1,0 +1,55 @@
+//go:build amd64
+
+package main
+
+// AVX2 + FMA + F16C kernels (simd_amd64.s); the pure-Go versions in
+// quant.go remain the fallback on other CPUs and architectures.
+
+func cpuid(eaxArg, ecxArg uint32) (eax, ebx, ecx, edx uint32)
+func xgetbv() (eax, edx uint32)
+
+// useAVX2 is true when the CPU and OS support AVX2, FMA and F16C.
+var useAVX2 = detectAVX2()
+
+func detectAVX2() bool {
+	maxID, _, _, _ := cpuid(0, 0)
+	if maxID < 7 {
+		return false
+	}
+	_, _, c1, _ := cpuid(1, 0)
+	const fma, osxsave, avx, f16c = 1 << 12, 1 << 27, 1 << 28, 1 << 29
+	if c1&(fma|osxsave|avx|f16c) != fma|osxsave|avx|f16c {
+		return false
+	}
+	if xcr0, _ := xgetbv(); xcr0&6 != 6 { // XMM and YMM state enabled by the OS
+		return false
+	}
+	_, b7, _, _ := cpuid(7, 0)
+	return b7&(1<<5) != 0
+}
+
+// dotQ8_0AVX2 is the Q8_0 weight row w (nb blocks of 34 bytes) against
+// Q8_0 activations qs (nb*32 int8) with block scales d.
+//
+//go:noescape
+func dotQ8_0AVX2(w *byte, qs *int8, d *float32, nb int) float32
+
+// dotQ4_0AVX2 is the same for a Q4_0 weight row (nb blocks of 18 bytes).
+//
+//go:noescape
+func dotQ4_0AVX2(w *byte, qs *int8, d *float32, nb int) float32
+
+// dotF16AVX2 is sum w[i]*x[i] over the first n&^7 elements.
+//
+//go:noescape
+func dotF16AVX2(w *uint16, x *float32, n int) float32
+
+// dotF32AVX2 is sum w[i]*x[i] over the first n&^7 elements.
+//
+//go:noescape
+func dotF32AVX2(w *float32, x *float32, n int) float32
+
+// axpyF16AVX2 does out[i] += a*v[i] over the first n&^7 elements.
+//
+//go:noescape
+func axpyF16AVX2(out *float32, a float32, v *uint16, n int)

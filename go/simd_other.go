@@ -1,0 +1,11 @@
+//go:build !amd64
+
+package main
+
+const useAVX2 = false
+
+func dotQ8_0AVX2(w *byte, qs *int8, d *float32, nb int) float32 { panic("no AVX2") }
+func dotQ4_0AVX2(w *byte, qs *int8, d *float32, nb int) float32 { panic("no AVX2") }
+func dotF16AVX2(w *uint16, x *float32, n int) float32           { panic("no AVX2") }
+func dotF32AVX2(w *float32, x *float32, n int) float32          { panic("no AVX2") }
+func axpyF16AVX2(out *float32, a float32, v *uint16, n int)     { panic("no AVX2") }

@@ -1,0 +1,96 @@
+package main
+
+import (
+	"math"
+	"math/rand"
+	"testing"
+)
+
+// The AVX2 kernels give bit-identical results to the pure-Go fallbacks on
+// random rows of every length class (odd block counts, lengths that are not
+// a multiple of 8). (Assumes the default GOAMD64=v1, where Go does not fuse
+// multiply-adds.)
+func closeTo(got, want, scale float64) bool {
+	_ = scale
+	return got == want || math.IsNaN(got) && math.IsNaN(want)
+}
+
+func TestSIMDKernelsMatchGo(t *testing.T) {
+	if !useAVX2 {
+		t.Skip("no AVX2/FMA/F16C on this CPU")
+	}
+	rng := rand.New(rand.NewSource(7))
+	for _, nb := range []int{1, 2, 3, 5, 12, 13, 32, 33} {
+		n := nb * 32
+		x := make([]float32, n)
+		for i := range x {
+			x[i] = float32(rng.NormFloat64())
+		}
+		for _, typ := range []GGMLType{TypeQ8_0, TypeQ4_0} {
+			w := randomRow(rng, typ, n)
+			a := newQAct(1, n)
+			a.prepare(typ, x, 1, n)
+			wf := make([]float32, n)
+			dequantRow(typ, w, wf)
+			var scale float64
+			for i := range wf {
+				scale += math.Abs(float64(wf[i]) * float64(a.qs[i]) * float64(a.d[i/32]))
+			}
+			var got, want float32
+			if typ == TypeQ8_0 {
+				got, want = dotQ8_0(w, a.qs[:n], a.d[:nb]), dotQ8_0Go(w, a.qs[:n], a.d[:nb])
+			} else {
+				got, want = dotQ4_0(w, a.qs[:n], a.d[:nb], a.isum[:nb]), dotQ4_0Go(w, a.qs[:n], a.d[:nb], a.isum[:nb])
+			}
+			if !closeTo(float64(got), float64(want), scale) {
+				t.Errorf("%s nb=%d: avx2 %g, go %g", typ, nb, got, want)
+			}
+		}
+	}
+	// extreme int8 weights (-128, 127) against extreme activations
+	w := make([]byte, 3*34)
+	qs := make([]int8, 3*32)
+	d := []float32{1, 0.5, 2}
+	for b := 0; b < 3; b++ {
+		h := f32ToF16(0.25)
+		w[b*34], w[b*34+1] = byte(h), byte(h>>8)
+		for j := 0; j < 32; j++ {
+			w[b*34+2+j] = []byte{0x80, 0x7f, 0x81, 0}[j%4]
+			qs[b*32+j] = []int8{127, -127, 127, -127, 5}[(j+b)%5]
+		}
+	}
+	if got, want := dotQ8_0(w, qs, d), dotQ8_0Go(w, qs, d); got != want {
+		t.Errorf("Q8_0 extremes: avx2 %g, go %g", got, want)
+	}
+	for _, n := range []int{1, 7, 8, 9, 31, 32, 33, 64, 100, 384, 1027} {
+		x := make([]float32, n)
+		w32 := make([]float32, n)
+		w16 := make([]uint16, n)
+		var scale float64
+		for i := range x {
+			x[i] = float32(rng.NormFloat64())
+			w32[i] = float32(rng.NormFloat64())
+			w16[i] = f32ToF16(w32[i])
+			scale += math.Abs(float64(x[i] * w32[i]))
+		}
+		if got, want := dotF32(w32, x), dotF32Go(w32, x); !closeTo(float64(got), float64(want), scale) {
+			t.Errorf("F32 n=%d: avx2 %g, go %g", n, got, want)
+		}
+		if got, want := dotF16(w16, x), dotF16Go(w16, x); !closeTo(float64(got), float64(want), scale) {
+			t.Errorf("F16 n=%d: avx2 %g, go %g", n, got, want)
+		}
+		out := make([]float32, n)
+		ref := make([]float32, n)
+		for i := range out {
+			out[i] = float32(rng.NormFloat64())
+			ref[i] = out[i]
+		}
+		axpyF16(out, 0.37, w16)
+		for i := range ref {
+			ref[i] += 0.37 * f16Table[w16[i]]
+			if out[i] != ref[i] {
+				t.Fatalf("axpyF16 n=%d i=%d: %g, want %g", n, i, out[i], ref[i])
+			}
+		}
+	}
+}
