@@ -347,6 +347,12 @@ type matmulJob struct {
 
 func (j *matmulJob) do(lo, hi int, _ *[]float32) {
 	w, a, n, rows := j.w, j.a, j.n, j.w.Rows
+	if matRows(w.Type, w.Data, w.RowBytes, lo, hi, a, 0, j.out[lo:hi]) {
+		for t := 1; t < n; t++ {
+			matRows(w.Type, w.Data, w.RowBytes, lo, hi, a, t, j.out[t*rows+lo:t*rows+hi])
+		}
+		return
+	}
 	for r := lo; r < hi; r++ {
 		row := w.Row(r)
 		for t := 0; t < n; t++ {

@@ -855,3 +855,43 @@ func dotQ6_K(w []byte, qs []int8, d []float32) float32 {
 	}
 	return sum
 }
+
+// matRows writes out[r-lo] = dotRow(t, row r, a, tok) for rows [lo, hi) of
+// the matrix data (rows stride bytes apart) with one AVX2 call, and reports false when
+// no kernel covers the case (the caller then loops over dotRow).
+func matRows(t GGMLType, data []byte, stride, lo, hi int, a *QAct, tok int, out []float32) bool {
+	nr := hi - lo
+	c := a.cols
+	if !useAVX2 || nr <= 0 || c == 0 {
+		return false
+	}
+	out = out[:nr]
+	w := data[lo*stride : hi*stride]
+	switch t {
+	case TypeQ8_0, TypeQ4_0:
+		nb := c / 32
+		qs := a.qs[tok*c : tok*c+c]
+		d := a.d[tok*nb : tok*nb+nb]
+		if nb == 0 || stride < rowBytes(t, c) {
+			return false
+		}
+		if t == TypeQ8_0 {
+			matQ8_0AVX2(&out[0], &w[0], stride, nr, &qs[0], &d[0], nb)
+		} else {
+			matQ4_0AVX2(&out[0], &w[0], stride, nr, &qs[0], &d[0], nb)
+		}
+	case TypeF16, TypeF32:
+		if c&7 != 0 || stride < rowBytes(t, c) {
+			return false
+		}
+		x := a.f[tok*c : tok*c+c]
+		if t == TypeF16 {
+			matF16AVX2(&out[0], (*uint16)(unsafe.Pointer(&w[0])), stride, nr, &x[0], c)
+		} else {
+			matF32AVX2(&out[0], (*float32)(unsafe.Pointer(&w[0])), stride, nr, &x[0], c)
+		}
+	default:
+		return false
+	}
+	return true
+}

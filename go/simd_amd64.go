@@ -53,3 +53,18 @@ func dotF32AVX2(w *float32, x *float32, n int) float32
 //
 //go:noescape
 func axpyF16AVX2(out *float32, a float32, v *uint16, n int)
+
+// The mat* kernels write out[r] = dot(row r, x) for nrows consecutive weight
+// rows stride bytes apart, with the same arithmetic as the dot kernels.
+
+//go:noescape
+func matQ8_0AVX2(out *float32, w *byte, stride, nrows int, qs *int8, d *float32, nb int)
+
+//go:noescape
+func matQ4_0AVX2(out *float32, w *byte, stride, nrows int, qs *int8, d *float32, nb int)
+
+//go:noescape
+func matF16AVX2(out *float32, w *uint16, stride, nrows int, x *float32, n int)
+
+//go:noescape
+func matF32AVX2(out *float32, w *float32, stride, nrows int, x *float32, n int)

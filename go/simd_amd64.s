@@ -261,3 +261,283 @@ a8:
 adone:
 	VZEROUPPER
 	RET
+
+// ---- matrix kernels: out[r] = dot(row r, x) for nrows rows of stride bytes ----
+
+// Q8PAIR leaves in dst the 8 int32 partial sums of the products of the
+// Q8_0 weight quants at wo(SI) with the activations at qo(DI); Q4PAIR
+// does the same for the Q4_0 nibbles at wo(SI).
+#define Q8PAIR(wo, qo, dst) \
+	VMOVDQU    wo(SI), Y2; \
+	VMOVDQU    qo(DI), Y3; \
+	VPSIGNB    Y2, Y2, Y4; \
+	VPSIGNB    Y2, Y3, Y5; \
+	VPMADDUBSW Y5, Y4, Y4; \
+	VPMADDWD   Y15, Y4, dst
+
+#define Q4PAIR(wo, qo, dst) \
+	Q4UNPACK(wo); \
+	VMOVDQU    qo(DI), Y3; \
+	VPSIGNB    Y2, Y2, Y4; \
+	VPSIGNB    Y2, Y3, Y5; \
+	VPMADDUBSW Y5, Y4, Y4; \
+	VPMADDWD   Y15, Y4, dst
+
+// SUM4 turns the partial sums of 4 blocks (Y8..Y11) into their exact int32
+// block sums, converts them, multiplies by the 4 scale products in X6 and
+// adds the 4 products to X0 one after the other (the Go code's order).
+#define SUM4 \
+	VPHADDD      Y9, Y8, Y8; \
+	VPHADDD      Y11, Y10, Y10; \
+	VPHADDD      Y10, Y8, Y8; \
+	VEXTRACTI128 $1, Y8, X9; \
+	VPADDD       X9, X8, X8; \
+	VCVTDQ2PS    X8, X8; \
+	VMULPS       X8, X6, X6; \
+	VADDSS       X6, X0, X0; \
+	VMOVSHDUP    X6, X7; \
+	VADDSS       X7, X0, X0; \
+	VMOVHLPS     X6, X6, X7; \
+	VADDSS       X7, X0, X0; \
+	VPERMILPS    $0xff, X6, X7; \
+	VADDSS       X7, X0, X0
+
+// SCALE4 puts the products of the 4 fp16 weight scales at SI+0, +bs, +2bs,
+// +3bs with the 4 activation scales at (DX) into X6.
+#define SCALE4(b1, b2, b3) \
+	MOVWLZX   (SI), AX; \
+	VMOVD     AX, X6; \
+	VPINSRW   $1, b1(SI), X6, X6; \
+	VPINSRW   $2, b2(SI), X6, X6; \
+	VPINSRW   $3, b3(SI), X6, X6; \
+	VCVTPH2PS X6, X6; \
+	VMULPS    (DX), X6, X6
+
+// func matQ8_0AVX2(out *float32, w *byte, stride, nrows int, qs *int8, d *float32, nb int)
+TEXT ·matQ8_0AVX2(SB), NOSPLIT, $0-56
+	MOVQ out+0(FP), R8
+	MOVQ w+8(FP), R9
+	MOVQ stride+16(FP), R10
+	MOVQ nrows+24(FP), R11
+	MOVQ qs+32(FP), R12
+	MOVQ d+40(FP), R13
+	MOVQ nb+48(FP), BX
+	ONES16
+
+m8row:
+	MOVQ   R9, SI
+	MOVQ   R12, DI
+	MOVQ   R13, DX
+	MOVQ   BX, CX
+	VXORPS X0, X0, X0
+
+m8g4:
+	CMPQ CX, $4
+	JLT  m8b1
+	SCALE4(34, 68, 102)
+	Q8PAIR(2, 0, Y8)
+	Q8PAIR(36, 32, Y9)
+	Q8PAIR(70, 64, Y10)
+	Q8PAIR(104, 96, Y11)
+	SUM4
+	ADDQ $136, SI
+	ADDQ $128, DI
+	ADDQ $16, DX
+	SUBQ $4, CX
+	JMP  m8g4
+
+m8b1:
+	TESTQ   CX, CX
+	JZ      m8done
+	BSCALE(0, 0)
+	VMOVDQU 2(SI), Y2
+	VMOVDQU (DI), Y3
+	I8DOT
+	ADDQ    $34, SI
+	ADDQ    $32, DI
+	ADDQ    $4, DX
+	DECQ    CX
+	JMP     m8b1
+
+m8done:
+	VMOVSS X0, (R8)
+	ADDQ   $4, R8
+	ADDQ   R10, R9
+	DECQ   R11
+	JNZ    m8row
+	VZEROUPPER
+	RET
+
+// func matQ4_0AVX2(out *float32, w *byte, stride, nrows int, qs *int8, d *float32, nb int)
+TEXT ·matQ4_0AVX2(SB), NOSPLIT, $0-56
+	MOVQ         out+0(FP), R8
+	MOVQ         w+8(FP), R9
+	MOVQ         stride+16(FP), R10
+	MOVQ         nrows+24(FP), R11
+	MOVQ         qs+32(FP), R12
+	MOVQ         d+40(FP), R13
+	MOVQ         nb+48(FP), BX
+	ONES16
+	MOVL         $0x0f0f0f0f, AX
+	VMOVD        AX, X14
+	VPBROADCASTD X14, Y14
+	MOVL         $0x08080808, AX
+	VMOVD        AX, X13
+	VPBROADCASTD X13, Y13
+
+m4row:
+	MOVQ   R9, SI
+	MOVQ   R12, DI
+	MOVQ   R13, DX
+	MOVQ   BX, CX
+	VXORPS X0, X0, X0
+
+m4g4:
+	CMPQ CX, $4
+	JLT  m4b1
+	SCALE4(18, 36, 54)
+	Q4PAIR(2, 0, Y8)
+	Q4PAIR(20, 32, Y9)
+	Q4PAIR(38, 64, Y10)
+	Q4PAIR(56, 96, Y11)
+	SUM4
+	ADDQ $72, SI
+	ADDQ $128, DI
+	ADDQ $16, DX
+	SUBQ $4, CX
+	JMP  m4g4
+
+m4b1:
+	TESTQ   CX, CX
+	JZ      m4done
+	BSCALE(0, 0)
+	Q4UNPACK(2)
+	VMOVDQU (DI), Y3
+	I8DOT
+	ADDQ    $18, SI
+	ADDQ    $32, DI
+	ADDQ    $4, DX
+	DECQ    CX
+	JMP     m4b1
+
+m4done:
+	VMOVSS X0, (R8)
+	ADDQ   $4, R8
+	ADDQ   R10, R9
+	DECQ   R11
+	JNZ    m4row
+	VZEROUPPER
+	RET
+
+// func matF16AVX2(out *float32, w *uint16, stride, nrows int, x *float32, n int)
+// dotF16AVX2 for each of nrows rows (stride in bytes); n a positive multiple of 8.
+TEXT ·matF16AVX2(SB), NOSPLIT, $0-48
+	MOVQ out+0(FP), R8
+	MOVQ w+8(FP), R9
+	MOVQ stride+16(FP), R10
+	MOVQ nrows+24(FP), R11
+	MOVQ x+32(FP), R12
+	MOVQ n+40(FP), BX
+
+mhrow:
+	MOVQ   R9, SI
+	MOVQ   R12, DI
+	MOVQ   BX, CX
+	VXORPS Y0, Y0, Y0
+
+mh32:
+	CMPQ      CX, $32
+	JLT       mh8
+	VCVTPH2PS (SI), Y4
+	VCVTPH2PS 16(SI), Y5
+	VCVTPH2PS 32(SI), Y6
+	VCVTPH2PS 48(SI), Y7
+	VMULPS    (DI), Y4, Y4
+	VMULPS    32(DI), Y5, Y5
+	VMULPS    64(DI), Y6, Y6
+	VMULPS    96(DI), Y7, Y7
+	VADDPS    Y4, Y0, Y0
+	VADDPS    Y5, Y0, Y0
+	VADDPS    Y6, Y0, Y0
+	VADDPS    Y7, Y0, Y0
+	ADDQ      $64, SI
+	ADDQ      $128, DI
+	SUBQ      $32, CX
+	JMP       mh32
+
+mh8:
+	CMPQ      CX, $8
+	JLT       mhdone
+	VCVTPH2PS (SI), Y4
+	VMULPS    (DI), Y4, Y4
+	VADDPS    Y4, Y0, Y0
+	ADDQ      $16, SI
+	ADDQ      $32, DI
+	SUBQ      $8, CX
+	JMP       mh8
+
+mhdone:
+	HSUM8
+	VMOVSS X0, (R8)
+	ADDQ   $4, R8
+	ADDQ   R10, R9
+	DECQ   R11
+	JNZ    mhrow
+	VZEROUPPER
+	RET
+
+// func matF32AVX2(out *float32, w *float32, stride, nrows int, x *float32, n int)
+TEXT ·matF32AVX2(SB), NOSPLIT, $0-48
+	MOVQ out+0(FP), R8
+	MOVQ w+8(FP), R9
+	MOVQ stride+16(FP), R10
+	MOVQ nrows+24(FP), R11
+	MOVQ x+32(FP), R12
+	MOVQ n+40(FP), BX
+
+mfrow:
+	MOVQ   R9, SI
+	MOVQ   R12, DI
+	MOVQ   BX, CX
+	VXORPS Y0, Y0, Y0
+
+mf32:
+	CMPQ    CX, $32
+	JLT     mf8
+	VMOVUPS (SI), Y4
+	VMOVUPS 32(SI), Y5
+	VMOVUPS 64(SI), Y6
+	VMOVUPS 96(SI), Y7
+	VMULPS  (DI), Y4, Y4
+	VMULPS  32(DI), Y5, Y5
+	VMULPS  64(DI), Y6, Y6
+	VMULPS  96(DI), Y7, Y7
+	VADDPS  Y4, Y0, Y0
+	VADDPS  Y5, Y0, Y0
+	VADDPS  Y6, Y0, Y0
+	VADDPS  Y7, Y0, Y0
+	ADDQ    $128, SI
+	ADDQ    $128, DI
+	SUBQ    $32, CX
+	JMP     mf32
+
+mf8:
+	CMPQ    CX, $8
+	JLT     mfdone
+	VMOVUPS (SI), Y4
+	VMULPS  (DI), Y4, Y4
+	VADDPS  Y4, Y0, Y0
+	ADDQ    $32, SI
+	ADDQ    $32, DI
+	SUBQ    $8, CX
+	JMP     mf8
+
+mfdone:
+	HSUM8
+	VMOVSS X0, (R8)
+	ADDQ   $4, R8
+	ADDQ   R10, R9
+	DECQ   R11
+	JNZ    mfrow
+	VZEROUPPER
+	RET

@@ -9,3 +9,12 @@ func dotQ4_0AVX2(w *byte, qs *int8, d *float32, nb int) float32 { panic("no AVX2
 func dotF16AVX2(w *uint16, x *float32, n int) float32           { panic("no AVX2") }
 func dotF32AVX2(w *float32, x *float32, n int) float32          { panic("no AVX2") }
 func axpyF16AVX2(out *float32, a float32, v *uint16, n int)     { panic("no AVX2") }
+
+func matQ8_0AVX2(out *float32, w *byte, stride, nrows int, qs *int8, d *float32, nb int) {
+	panic("no AVX2")
+}
+func matQ4_0AVX2(out *float32, w *byte, stride, nrows int, qs *int8, d *float32, nb int) {
+	panic("no AVX2")
+}
+func matF16AVX2(out *float32, w *uint16, stride, nrows int, x *float32, n int)  { panic("no AVX2") }
+func matF32AVX2(out *float32, w *float32, stride, nrows int, x *float32, n int) { panic("no AVX2") }

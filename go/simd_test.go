@@ -3,6 +3,8 @@ package main
 import (
 	"math"
 	"math/rand"
+	"os"
+	"strconv"
 	"testing"
 )
 
@@ -90,6 +92,81 @@ func TestSIMDKernelsMatchGo(t *testing.T) {
 			ref[i] += 0.37 * f16Table[w16[i]]
 			if out[i] != ref[i] {
 				t.Fatalf("axpyF16 n=%d i=%d: %g, want %g", n, i, out[i], ref[i])
+			}
+		}
+	}
+}
+
+// BenchmarkDecode times single-token decode steps on the GGUF named by
+// NANOLLAMA_BENCH_MODEL (skipped when unset), e.g. for -cpuprofile:
+//
+//	NANOLLAMA_BENCH_MODEL=/path/nano-Q8_0.gguf go test -run X -bench Decode -cpuprofile cpu.out
+func BenchmarkDecode(b *testing.B) {
+	path := os.Getenv("NANOLLAMA_BENCH_MODEL")
+	if path == "" {
+		b.Skip("NANOLLAMA_BENCH_MODEL not set")
+	}
+	threads := 1
+	if v, err := strconv.Atoi(os.Getenv("NANOLLAMA_BENCH_THREADS")); err == nil {
+		threads = v
+	}
+	m, err := LoadModel(path, threads)
+	if err != nil {
+		b.Fatal(err)
+	}
+	s := m.NewSession(1024, false)
+	prompt := make([]int32, 128)
+	for i := range prompt {
+		prompt[i] = int32(259 + i*97%(m.Cfg.Vocab-259))
+	}
+	if _, err := s.Forward(prompt, nil); err != nil {
+		b.Fatal(err)
+	}
+	b.ResetTimer()
+	tok := []int32{300}
+	for i := 0; i < b.N; i++ {
+		if s.Pos >= 256 {
+			s.Truncate(128)
+		}
+		if _, err := s.Forward(tok, nil); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// matRows (the AVX2 row-loop kernels) equals dotRow row by row, bit for bit.
+func TestMatRowsMatchesDotRow(t *testing.T) {
+	if !useAVX2 {
+		t.Skip("no AVX2/FMA/F16C on this CPU")
+	}
+	rng := rand.New(rand.NewSource(3))
+	for _, typ := range []GGMLType{TypeQ8_0, TypeQ4_0, TypeF16, TypeF32} {
+		for _, nb := range []int{1, 3, 4, 5, 8, 12, 13} {
+			cols, rows, toks := nb*32, 7, 3
+			if typ == TypeF16 || typ == TypeF32 {
+				cols = nb*8 + 32*(nb%2)
+			}
+			rb := rowBytes(typ, cols)
+			data := make([]byte, 0, rows*rb)
+			for r := 0; r < rows; r++ {
+				data = append(data, randomRow(rng, typ, cols)...)
+			}
+			x := make([]float32, toks*cols)
+			for i := range x {
+				x[i] = float32(rng.NormFloat64())
+			}
+			a := newQAct(toks, cols)
+			a.prepare(typ, x, toks, cols)
+			for tok := 0; tok < toks; tok++ {
+				out := make([]float32, rows)
+				if !matRows(typ, data, rb, 2, rows, a, tok, out[2:]) {
+					t.Fatalf("%s: no kernel", typ)
+				}
+				for r := 2; r < rows; r++ {
+					if want := dotRow(typ, data[r*rb:(r+1)*rb], a, tok); out[r] != want {
+						t.Errorf("%s cols=%d tok=%d row %d: %g, want %g", typ, cols, tok, r, out[r], want)
+					}
+				}
 			}
 		}
 	}
