@@ -338,25 +338,45 @@ func (s *Session) Truncate(n int) {
 	}
 }
 
+// matmulJob computes up to three matrix products over the same prepared
+// activations as one parallel-for over their stacked rows (Q/K/V and
+// gate/up share a single synchronisation).
 type matmulJob struct {
-	w   *Matrix
-	a   *QAct
-	out []float32
-	n   int
+	ws   [3]*Matrix
+	outs [3][]float32
+	nm   int
+	a    *QAct
+	n    int
 }
 
 func (j *matmulJob) do(lo, hi int, _ *[]float32) {
-	w, a, n, rows := j.w, j.a, j.n, j.w.Rows
-	if matRows(w.Type, w.Data, w.RowBytes, lo, hi, a, 0, j.out[lo:hi]) {
+	off := 0
+	for k := 0; k < j.nm && lo < hi; k++ {
+		w := j.ws[k]
+		if lo < off+w.Rows {
+			h := hi
+			if h > off+w.Rows {
+				h = off + w.Rows
+			}
+			j.rows(w, j.outs[k], lo-off, h-off)
+			lo = h
+		}
+		off += w.Rows
+	}
+}
+
+func (j *matmulJob) rows(w *Matrix, out []float32, lo, hi int) {
+	a, n, rows := j.a, j.n, w.Rows
+	if matRows(w.Type, w.Data, w.RowBytes, lo, hi, a, 0, out[lo:hi]) {
 		for t := 1; t < n; t++ {
-			matRows(w.Type, w.Data, w.RowBytes, lo, hi, a, t, j.out[t*rows+lo:t*rows+hi])
+			matRows(w.Type, w.Data, w.RowBytes, lo, hi, a, t, out[t*rows+lo:t*rows+hi])
 		}
 		return
 	}
 	for r := lo; r < hi; r++ {
 		row := w.Row(r)
 		for t := 0; t < n; t++ {
-			j.out[t*rows+r] = dotRow(w.Type, row, a, t)
+			out[t*rows+r] = dotRow(w.Type, row, a, t)
 		}
 	}
 }
@@ -364,16 +384,30 @@ func (j *matmulJob) do(lo, hi int, _ *[]float32) {
 // matmul computes out[t, r] = W[r] · x[t] for n rows of x.
 func (s *Session) matmul(out []float32, w *Matrix, x []float32, n int) {
 	s.act.prepare(w.Type, x, n, w.Cols)
-	s.matmulPrepared(out, w, n)
+	s.matmulPrepared(n, w, out, nil, nil, nil, nil)
 }
 
-func (s *Session) matmulPrepared(out []float32, w *Matrix, n int) {
-	s.mm = matmulJob{w: w, a: s.act, out: out, n: n}
-	chunk := 16
-	if w.Rows/chunk < 4*s.m.Pool.threads {
-		chunk = (w.Rows + 4*s.m.Pool.threads - 1) / (4 * s.m.Pool.threads)
+// matmulPrepared runs the products of up to three (matrix, output) pairs
+// (nil matrices are skipped) with the activations already in s.act, as one
+// parallel-for.
+func (s *Session) matmulPrepared(n int, w0 *Matrix, o0 []float32, w1 *Matrix, o1 []float32, w2 *Matrix, o2 []float32) {
+	s.mm = matmulJob{a: s.act, n: n}
+	total := 0
+	for _, p := range [3]struct {
+		w *Matrix
+		o []float32
+	}{{w0, o0}, {w1, o1}, {w2, o2}} {
+		if p.w != nil {
+			s.mm.ws[s.mm.nm], s.mm.outs[s.mm.nm] = p.w, p.o
+			s.mm.nm++
+			total += p.w.Rows
+		}
 	}
-	s.m.Pool.Run(&s.job, &s.mm, w.Rows, chunk, &s.scratch)
+	chunk := 16
+	if total/chunk < 4*s.m.Pool.threads {
+		chunk = (total + 4*s.m.Pool.threads - 1) / (4 * s.m.Pool.threads)
+	}
+	s.m.Pool.Run(&s.job, &s.mm, total, chunk, &s.scratch)
 	s.mm = matmulJob{}
 }
 
@@ -526,15 +560,14 @@ func (s *Session) forwardBatch(tokens []int32, allOut []float32, last bool) {
 		for t := 0; t < n; t++ {
 			rmsnorm(s.xb[t*d:(t+1)*d], s.x[t*d:(t+1)*d], l.AttnNorm, c.Eps)
 		}
-		s.matmul(s.q, l.Wq, s.xb, n)
-		if actKindFor(l.Wk.Type) != s.act.kind {
-			s.act.prepare(l.Wk.Type, s.xb, n, d)
+		s.act.prepare(l.Wq.Type, s.xb, n, d)
+		if actKindFor(l.Wk.Type) == s.act.kind && actKindFor(l.Wv.Type) == s.act.kind {
+			s.matmulPrepared(n, l.Wq, s.q, l.Wk, s.k, l.Wv, s.v)
+		} else {
+			s.matmulPrepared(n, l.Wq, s.q, nil, nil, nil, nil)
+			s.matmul(s.k, l.Wk, s.xb, n)
+			s.matmul(s.v, l.Wv, s.xb, n)
 		}
-		s.matmulPrepared(s.k, l.Wk, n)
-		if actKindFor(l.Wv.Type) != s.act.kind {
-			s.act.prepare(l.Wv.Type, s.xb, n, d)
-		}
-		s.matmulPrepared(s.v, l.Wv, n)
 		for t := 0; t < n; t++ {
 			p := pos0 + t
 			m.rope(s.q[t*qd:(t+1)*qd], c.NHead, p)
@@ -560,11 +593,13 @@ func (s *Session) forwardBatch(tokens []int32, allOut []float32, last bool) {
 		for t := 0; t < n; t++ {
 			rmsnorm(s.xb[t*d:(t+1)*d], s.x[t*d:(t+1)*d], l.FFNNorm, c.Eps)
 		}
-		s.matmul(s.hb, l.Gate, s.xb, n)
-		if actKindFor(l.Up.Type) != s.act.kind {
-			s.act.prepare(l.Up.Type, s.xb, n, d)
+		s.act.prepare(l.Gate.Type, s.xb, n, d)
+		if actKindFor(l.Up.Type) == s.act.kind {
+			s.matmulPrepared(n, l.Gate, s.hb, l.Up, s.hb2, nil, nil)
+		} else {
+			s.matmulPrepared(n, l.Gate, s.hb, nil, nil, nil, nil)
+			s.matmul(s.hb2, l.Up, s.xb, n)
 		}
-		s.matmulPrepared(s.hb2, l.Up, n)
 		for i := 0; i < n*c.FFN; i++ {
 			g := s.hb[i]
 			s.hb[i] = g / (1 + float32(math.Exp(float64(-g)))) * s.hb2[i]
