@@ -448,15 +448,25 @@ func (j *attnJob) do(lo, hi int, scratch *[]float32) {
 			}
 		} else {
 			// llama.cpp multiplies q by the fp16 cache in fp16 precision.
-			for i, v := range q {
-				qh[i] = f16Table[f32ToF16(v)]
-			}
+			roundF16(qh, q)
 			kc := s.kcache[j.layer]
-			for p := 0; p < npos; p++ {
-				d := dotF16(kc[p*kvd+kvo:p*kvd+kvo+hd], qh) * scale
-				sc[p] = d
-				if d > max {
-					max = d
+			if useAVX2 && hd&7 == 0 {
+				// sc[p] = dotF16(K row p, qh), bit for bit
+				matF16AVX2(&sc[0], &kc[kvo], 2*kvd, npos, &qh[0], hd)
+				for p, d := range sc {
+					d *= scale
+					sc[p] = d
+					if d > max {
+						max = d
+					}
+				}
+			} else {
+				for p := 0; p < npos; p++ {
+					d := dotF16(kc[p*kvd+kvo:p*kvd+kvo+hd], qh) * scale
+					sc[p] = d
+					if d > max {
+						max = d
+					}
 				}
 			}
 		}
@@ -482,9 +492,17 @@ func (j *attnJob) do(lo, hi int, scratch *[]float32) {
 			continue
 		}
 		vc := s.vcache[j.layer]
+		// llama.cpp rounds the probabilities to fp16 for the V product.
 		for p := range sc {
-			// llama.cpp rounds the probabilities to fp16 for the V product.
-			w := f16Table[f32ToF16(sc[p]*inv)]
+			sc[p] *= inv
+		}
+		roundF16(sc, sc)
+		if useAVX2 && hd&31 == 0 {
+			// the sum of the axpyF16 calls below, bit for bit
+			wsumF16AVX2(&out[0], &sc[0], &vc[kvo], 2*kvd, npos, hd)
+			continue
+		}
+		for p, w := range sc {
 			axpyF16(out, w, vc[p*kvd+kvo:p*kvd+kvo+hd])
 		}
 	}
@@ -577,11 +595,8 @@ func (s *Session) forwardBatch(tokens []int32, allOut []float32, last bool) {
 				copy(s.vc32[li][p*kvd:(p+1)*kvd], s.v[t*kvd:(t+1)*kvd])
 				continue
 			}
-			kc, vc := s.kcache[li], s.vcache[li]
-			for i := 0; i < kvd; i++ {
-				kc[p*kvd+i] = f32ToF16(s.k[t*kvd+i])
-				vc[p*kvd+i] = f32ToF16(s.v[t*kvd+i])
-			}
+			f32sToF16(s.kcache[li][p*kvd:(p+1)*kvd], s.k[t*kvd:(t+1)*kvd])
+			f32sToF16(s.vcache[li][p*kvd:(p+1)*kvd], s.v[t*kvd:(t+1)*kvd])
 		}
 		s.aj = attnJob{s: s, layer: li, n: n, pos0: pos0}
 		s.m.Pool.Run(&s.job, &s.aj, n*c.NHead, 1, &s.scratch)

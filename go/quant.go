@@ -895,3 +895,31 @@ func matRows(t GGMLType, data []byte, stride, lo, hi int, a *QAct, tok int, out 
 	}
 	return true
 }
+
+// f32sToF16 converts src to fp16 (f32ToF16 element by element).
+func f32sToF16(dst []uint16, src []float32) {
+	n := len(src)
+	dst = dst[:n]
+	m := 0
+	if useAVX2 && n >= 8 {
+		m = n &^ 7
+		f32ToF16AVX2(&dst[0], &src[0], m)
+	}
+	for i := m; i < n; i++ {
+		dst[i] = f32ToF16(src[i])
+	}
+}
+
+// roundF16 sets dst[i] to src[i] rounded to fp16 precision.
+func roundF16(dst, src []float32) {
+	n := len(src)
+	dst = dst[:n]
+	m := 0
+	if useAVX2 && n >= 8 {
+		m = n &^ 7
+		roundF16AVX2(&dst[0], &src[0], m)
+	}
+	for i := m; i < n; i++ {
+		dst[i] = f16Table[f32ToF16(src[i])]
+	}
+}

@@ -541,3 +541,100 @@ mfdone:
 	JNZ    mfrow
 	VZEROUPPER
 	RET
+
+// func spinPause()
+TEXT ·spinPause(SB), NOSPLIT, $0-0
+	PAUSE
+	RET
+
+// func f32ToF16AVX2(dst *uint16, src *float32, n int)
+// n a multiple of 8; round to nearest even (as f32ToF16).
+TEXT ·f32ToF16AVX2(SB), NOSPLIT, $0-24
+	MOVQ dst+0(FP), DI
+	MOVQ src+8(FP), SI
+	MOVQ n+16(FP), CX
+	SHRQ $3, CX
+	JZ   cvdone
+
+cvloop:
+	VMOVUPS   (SI), Y0
+	VCVTPS2PH $0, Y0, (DI)
+	ADDQ      $32, SI
+	ADDQ      $16, DI
+	DECQ      CX
+	JNZ       cvloop
+
+cvdone:
+	VZEROUPPER
+	RET
+
+// func roundF16AVX2(dst, src *float32, n int)
+// dst[i] = float32(fp16(src[i])), n a multiple of 8.
+TEXT ·roundF16AVX2(SB), NOSPLIT, $0-24
+	MOVQ dst+0(FP), DI
+	MOVQ src+8(FP), SI
+	MOVQ n+16(FP), CX
+	SHRQ $3, CX
+	JZ   rhdone
+
+rhloop:
+	VMOVUPS   (SI), Y0
+	VCVTPS2PH $0, Y0, X1
+	VCVTPH2PS X1, Y1
+	VMOVUPS   Y1, (DI)
+	ADDQ      $32, SI
+	ADDQ      $32, DI
+	DECQ      CX
+	JNZ       rhloop
+
+rhdone:
+	VZEROUPPER
+	RET
+
+// func wsumF16AVX2(out *float32, w *float32, v *uint16, stride, npos, n int)
+// out[i] = sum over p of w[p]*v[p][i] (v rows stride bytes apart), added
+// in order of p starting from 0, multiply then add: the same as zeroing
+// out and calling axpyF16 for each p. n a multiple of 32, npos >= 1.
+TEXT ·wsumF16AVX2(SB), NOSPLIT, $0-48
+	MOVQ out+0(FP), DI
+	MOVQ v+16(FP), R9
+	MOVQ stride+24(FP), R10
+	MOVQ n+40(FP), BX
+
+wcol:
+	VXORPS Y0, Y0, Y0
+	VXORPS Y1, Y1, Y1
+	VXORPS Y2, Y2, Y2
+	VXORPS Y3, Y3, Y3
+	MOVQ   w+8(FP), DX
+	MOVQ   R9, SI
+	MOVQ   npos+32(FP), CX
+
+wpos:
+	VBROADCASTSS (DX), Y8
+	VCVTPH2PS    (SI), Y4
+	VCVTPH2PS    16(SI), Y5
+	VCVTPH2PS    32(SI), Y6
+	VCVTPH2PS    48(SI), Y7
+	VMULPS       Y8, Y4, Y4
+	VMULPS       Y8, Y5, Y5
+	VMULPS       Y8, Y6, Y6
+	VMULPS       Y8, Y7, Y7
+	VADDPS       Y4, Y0, Y0
+	VADDPS       Y5, Y1, Y1
+	VADDPS       Y6, Y2, Y2
+	VADDPS       Y7, Y3, Y3
+	ADDQ         $4, DX
+	ADDQ         R10, SI
+	DECQ         CX
+	JNZ          wpos
+	VMOVUPS      Y0, (DI)
+	VMOVUPS      Y1, 32(DI)
+	VMOVUPS      Y2, 64(DI)
+	VMOVUPS      Y3, 96(DI)
+	ADDQ         $128, DI
+	ADDQ         $64, R9
+	SUBQ         $32, BX
+	JNZ          wcol
+	VZEROUPPER
+	RET

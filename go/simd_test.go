@@ -171,3 +171,64 @@ func TestMatRowsMatchesDotRow(t *testing.T) {
 		}
 	}
 }
+
+// The F16C conversions round exactly as f32ToF16, over every exponent,
+// subnormals, ties, infinities and NaNs; wsumF16 equals repeated axpyF16.
+func TestF16ConversionsAndWeightedSum(t *testing.T) {
+	if !useAVX2 {
+		t.Skip("no AVX2/FMA/F16C on this CPU")
+	}
+	rng := rand.New(rand.NewSource(5))
+	const n = 1 << 16
+	src := make([]float32, n+5)
+	for i := range src {
+		b := rng.Uint32()
+		switch i % 4 {
+		case 1: // near the fp16 range: exponents 100..145
+			b = b&0x807fffff | uint32(100+rng.Intn(46))<<23
+		case 2: // ties
+			b = b&0xffffe000 | 0x1000
+		case 3:
+			b = b&0x807fffff | uint32(100+rng.Intn(46))<<23&^0x1fff | 0x1000
+		}
+		src[i] = math.Float32frombits(b)
+	}
+	src[0], src[1], src[2] = float32(math.Inf(1)), float32(math.NaN()), 65520
+	h := make([]uint16, len(src))
+	f32sToF16(h, src)
+	r := make([]float32, len(src))
+	roundF16(r, src)
+	for i, v := range src {
+		want := f32ToF16(v)
+		if h[i] != want && !(v != v && h[i]&0x7e00 == 0x7e00) {
+			t.Fatalf("f32sToF16(%g = %#08x) = %#04x, want %#04x", v, math.Float32bits(v), h[i], want)
+		}
+		if w := f16Table[want]; r[i] != w && !(v != v && r[i] != r[i]) {
+			t.Fatalf("roundF16(%g) = %g, want %g", v, r[i], w)
+		}
+	}
+	for _, hd := range []int{32, 64, 128} {
+		for _, npos := range []int{1, 2, 7, 40} {
+			stride := hd + 32 // elements between rows, as a KV cache with several heads
+			v := make([]uint16, npos*stride)
+			for i := range v {
+				v[i] = f32ToF16(float32(rng.NormFloat64()))
+			}
+			w := make([]float32, npos)
+			for i := range w {
+				w[i] = f16Table[f32ToF16(rng.Float32())]
+			}
+			got := make([]float32, hd)
+			wsumF16AVX2(&got[0], &w[0], &v[16], 2*stride, npos, hd)
+			want := make([]float32, hd)
+			for p := range w {
+				axpyF16(want, w[p], v[p*stride+16:p*stride+16+hd])
+			}
+			for i := range got {
+				if got[i] != want[i] {
+					t.Fatalf("wsumF16 hd=%d npos=%d [%d] = %g, want %g", hd, npos, i, got[i], want[i])
+				}
+			}
+		}
+	}
+}
