@@ -878,7 +878,8 @@ func matRows(t GGMLType, data []byte, stride, lo, hi int, a *QAct, tok int, out 
 		if t == TypeQ8_0 {
 			matQ8_0AVX2(&out[0], &w[0], stride, nr, &qs[0], &d[0], nb)
 		} else {
-			matQ4_0AVX2(&out[0], &w[0], stride, nr, &qs[0], &d[0], nb)
+			ysum := a.isum[tok*nb : tok*nb+nb]
+			matQ4_0AVX2(&out[0], &w[0], stride, nr, &qs[0], &d[0], nb, &ysum[0])
 		}
 	case TypeF16, TypeF32:
 		if c&7 != 0 || stride < rowBytes(t, c) {

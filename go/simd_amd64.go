@@ -61,7 +61,7 @@ func axpyF16AVX2(out *float32, a float32, v *uint16, n int)
 func matQ8_0AVX2(out *float32, w *byte, stride, nrows int, qs *int8, d *float32, nb int)
 
 //go:noescape
-func matQ4_0AVX2(out *float32, w *byte, stride, nrows int, qs *int8, d *float32, nb int)
+func matQ4_0AVX2(out *float32, w *byte, stride, nrows int, qs *int8, d *float32, nb int, ysum *int32)
 
 //go:noescape
 func matF16AVX2(out *float32, w *uint16, stride, nrows int, x *float32, n int)

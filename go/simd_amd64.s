@@ -262,11 +262,13 @@ adone:
 	VZEROUPPER
 	RET
 
+// PFD is how far ahead (bytes) the matrix kernels prefetch the weights.
+#define PFD 2048
+
 // ---- matrix kernels: out[r] = dot(row r, x) for nrows rows of stride bytes ----
 
 // Q8PAIR leaves in dst the 8 int32 partial sums of the products of the
-// Q8_0 weight quants at wo(SI) with the activations at qo(DI); Q4PAIR
-// does the same for the Q4_0 nibbles at wo(SI).
+// Q8_0 weight quants at wo(SI) with the activations at qo(DI).
 #define Q8PAIR(wo, qo, dst) \
 	VMOVDQU    wo(SI), Y2; \
 	VMOVDQU    qo(DI), Y3; \
@@ -275,13 +277,16 @@ adone:
 	VPMADDUBSW Y5, Y4, Y4; \
 	VPMADDWD   Y15, Y4, dst
 
-#define Q4PAIR(wo, qo, dst) \
-	Q4UNPACK(wo); \
-	VMOVDQU    qo(DI), Y3; \
-	VPSIGNB    Y2, Y2, Y4; \
-	VPSIGNB    Y2, Y3, Y5; \
-	VPMADDUBSW Y5, Y4, Y4; \
-	VPMADDWD   Y15, Y4, dst
+// Q4UPAIR does the same for the raw Q4_0 nibbles at wo(SI) (0..15, used
+// as the unsigned operand); SUM4Q4 subtracts 8*sum(y) afterwards (exact integers,
+// the Go code's formula).
+#define Q4UPAIR(wo, qo, dst) \
+	VMOVDQU     wo(SI), X2; \
+	VPSRLW      $4, X2, X3; \
+	VINSERTI128 $1, X3, Y2, Y2; \
+	VPAND       Y14, Y2, Y2; \
+	VPMADDUBSW  qo(DI), Y2, Y4; \
+	VPMADDWD    Y15, Y4, dst
 
 // SUM4 turns the partial sums of 4 blocks (Y8..Y11) into their exact int32
 // block sums, converts them, multiplies by the 4 scale products in X6 and
@@ -292,6 +297,25 @@ adone:
 	VPHADDD      Y10, Y8, Y8; \
 	VEXTRACTI128 $1, Y8, X9; \
 	VPADDD       X9, X8, X8; \
+	VCVTDQ2PS    X8, X8; \
+	VMULPS       X8, X6, X6; \
+	VADDSS       X6, X0, X0; \
+	VMOVSHDUP    X6, X7; \
+	VADDSS       X7, X0, X0; \
+	VMOVHLPS     X6, X6, X7; \
+	VADDSS       X7, X0, X0; \
+	VPERMILPS    $0xff, X6, X7; \
+	VADDSS       X7, X0, X0
+
+#define SUM4Q4 \
+	VPHADDD      Y9, Y8, Y8; \
+	VPHADDD      Y11, Y10, Y10; \
+	VPHADDD      Y10, Y8, Y8; \
+	VEXTRACTI128 $1, Y8, X9; \
+	VPADDD       X9, X8, X8; \
+	VMOVDQU      (R14), X9; \
+	VPSLLD       $3, X9, X9; \
+	VPSUBD       X9, X8, X8; \
 	VCVTDQ2PS    X8, X8; \
 	VMULPS       X8, X6, X6; \
 	VADDSS       X6, X0, X0; \
@@ -334,6 +358,9 @@ m8row:
 m8g4:
 	CMPQ CX, $4
 	JLT  m8b1
+	PREFETCHT0 PFD(SI)
+	PREFETCHT0 PFD+64(SI)
+	PREFETCHT0 PFD+128(SI)
 	SCALE4(34, 68, 102)
 	Q8PAIR(2, 0, Y8)
 	Q8PAIR(36, 32, Y9)
@@ -368,8 +395,8 @@ m8done:
 	VZEROUPPER
 	RET
 
-// func matQ4_0AVX2(out *float32, w *byte, stride, nrows int, qs *int8, d *float32, nb int)
-TEXT ·matQ4_0AVX2(SB), NOSPLIT, $0-56
+// func matQ4_0AVX2(out *float32, w *byte, stride, nrows int, qs *int8, d *float32, nb int, ysum *int32)
+TEXT ·matQ4_0AVX2(SB), NOSPLIT, $0-64
 	MOVQ         out+0(FP), R8
 	MOVQ         w+8(FP), R9
 	MOVQ         stride+16(FP), R10
@@ -386,6 +413,7 @@ TEXT ·matQ4_0AVX2(SB), NOSPLIT, $0-56
 	VPBROADCASTD X13, Y13
 
 m4row:
+	MOVQ   ysum+56(FP), R14
 	MOVQ   R9, SI
 	MOVQ   R12, DI
 	MOVQ   R13, DX
@@ -395,15 +423,18 @@ m4row:
 m4g4:
 	CMPQ CX, $4
 	JLT  m4b1
+	PREFETCHT0 PFD(SI)
+	PREFETCHT0 PFD+64(SI)
 	SCALE4(18, 36, 54)
-	Q4PAIR(2, 0, Y8)
-	Q4PAIR(20, 32, Y9)
-	Q4PAIR(38, 64, Y10)
-	Q4PAIR(56, 96, Y11)
-	SUM4
+	Q4UPAIR(2, 0, Y8)
+	Q4UPAIR(20, 32, Y9)
+	Q4UPAIR(38, 64, Y10)
+	Q4UPAIR(56, 96, Y11)
+	SUM4Q4
 	ADDQ $72, SI
 	ADDQ $128, DI
 	ADDQ $16, DX
+	ADDQ $16, R14
 	SUBQ $4, CX
 	JMP  m4g4
 
@@ -448,6 +479,7 @@ mhrow:
 mh32:
 	CMPQ      CX, $32
 	JLT       mh8
+	PREFETCHT0 PFD(SI)
 	VCVTPH2PS (SI), Y4
 	VCVTPH2PS 16(SI), Y5
 	VCVTPH2PS 32(SI), Y6

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"fmt"
 	"math"
 	"math/rand"
 	"os"
@@ -229,6 +230,36 @@ func TestF16ConversionsAndWeightedSum(t *testing.T) {
 					t.Fatalf("wsumF16 hd=%d npos=%d [%d] = %g, want %g", hd, npos, i, got[i], want[i])
 				}
 			}
+		}
+	}
+}
+
+func BenchmarkMatRows(b *testing.B) {
+	rng := rand.New(rand.NewSource(1))
+	const cols = 384
+	for _, typ := range []GGMLType{TypeQ8_0, TypeQ4_0, TypeF16} {
+		for _, rows := range []int{1024, 32000} {
+			rb := rowBytes(typ, cols)
+			data := make([]byte, 0, rows*rb)
+			row := randomRow(rng, typ, cols)
+			for r := 0; r < rows; r++ {
+				data = append(data, row...)
+			}
+			x := make([]float32, cols)
+			for i := range x {
+				x[i] = float32(rng.NormFloat64())
+			}
+			a := newQAct(1, cols)
+			a.prepare(typ, x, 1, cols)
+			out := make([]float32, rows)
+			b.Run(fmt.Sprintf("%s/%d", typ, rows), func(b *testing.B) {
+				b.SetBytes(int64(rows * cols)) // "MB/s" = million multiply-adds per second
+				for i := 0; i < b.N; i++ {
+					if !matRows(typ, data, rb, 0, rows, a, 0, out) {
+						b.Fatal("no kernel")
+					}
+				}
+			})
 		}
 	}
 }
