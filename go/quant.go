@@ -401,15 +401,23 @@ func (a *QAct) prepare(t GGMLType, x []float32, rows, cols int) {
 		a.f = x[:n]
 	case actF16:
 		a.f = a.fbuf[:n]
-		for i, v := range x[:n] {
-			a.f[i] = f16Table[f32ToF16(v)]
-		}
+		roundF16(a.f, x[:n])
 	case actBF16:
 		a.f = a.fbuf[:n]
 		for i, v := range x[:n] {
 			a.f[i] = bf16ToF32(f32ToBF16(v))
 		}
 	case actQ8_0, actQ8_1:
+		if nb := n / 32; useAVX2 && nb > 0 {
+			// a.d and a.s get amax and sum in the kernel, then the scales
+			quantQ8AVX2(&x[0], &a.qs[0], &a.d[0], &a.isum[0], nb)
+			for b := 0; b < nb; b++ {
+				dd := a.d[b] / 127
+				a.d[b] = f16Table[f32ToF16(dd)]
+				a.s[b] = f16Table[f32ToF16(float32(a.isum[b])*dd)]
+			}
+			return
+		}
 		for b := 0; b < n/32; b++ {
 			a.isum[b] = quantQ8Block(x[b*32:b*32+32], a.qs[b*32:b*32+32], &a.d[b], &a.s[b])
 		}

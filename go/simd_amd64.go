@@ -80,3 +80,6 @@ func roundF16AVX2(dst, src *float32, n int)
 
 //go:noescape
 func wsumF16AVX2(out *float32, w *float32, v *uint16, stride, npos, n int)
+
+//go:noescape
+func quantQ8AVX2(x *float32, qs *int8, amax *float32, isum *int32, nb int)

@@ -670,3 +670,94 @@ wpos:
 	JNZ          wcol
 	VZEROUPPER
 	RET
+
+// dword order that undoes the lane interleaving of VPACKSSDW + VPACKSSWB
+DATA packperm<>+0(SB)/4, $0
+DATA packperm<>+4(SB)/4, $4
+DATA packperm<>+8(SB)/4, $1
+DATA packperm<>+12(SB)/4, $5
+DATA packperm<>+16(SB)/4, $2
+DATA packperm<>+20(SB)/4, $6
+DATA packperm<>+24(SB)/4, $3
+DATA packperm<>+28(SB)/4, $7
+GLOBL packperm<>(SB), RODATA|NOPTR, $32
+
+// func quantQ8AVX2(x *float32, qs *int8, amax *float32, isum *int32, nb int)
+// For each block of 32 floats: amax = max |x|, q = round-to-even(x * (127/amax))
+// (0 when amax is 0) stored as int8, isum = sum of q; as quantQ8Block.
+TEXT ·quantQ8AVX2(SB), NOSPLIT, $0-40
+	MOVQ         x+0(FP), SI
+	MOVQ         qs+8(FP), DI
+	MOVQ         amax+16(FP), R8
+	MOVQ         isum+24(FP), R9
+	MOVQ         nb+32(FP), CX
+	MOVL         $0x7fffffff, AX
+	VMOVD        AX, X15
+	VPBROADCASTD X15, Y15                 // abs mask
+	MOVL         $0x42fe0000, AX          // 127.0
+	VMOVD        AX, X14
+	VMOVDQU      packperm<>(SB), Y13
+
+qloop:
+	VMOVUPS      (SI), Y0
+	VMOVUPS      32(SI), Y1
+	VMOVUPS      64(SI), Y2
+	VMOVUPS      96(SI), Y3
+	VANDPS       Y15, Y0, Y4
+	VANDPS       Y15, Y1, Y5
+	VANDPS       Y15, Y2, Y6
+	VANDPS       Y15, Y3, Y7
+	VMAXPS       Y5, Y4, Y4
+	VMAXPS       Y7, Y6, Y6
+	VMAXPS       Y6, Y4, Y4
+	VEXTRACTF128 $1, Y4, X5
+	VMAXPS       X5, X4, X4
+	VMOVHLPS     X4, X4, X5
+	VMAXPS       X5, X4, X4
+	VMOVSHDUP    X4, X5
+	VMAXSS       X5, X4, X4
+	VMOVSS       X4, (R8)
+	VXORPS       X6, X6, X6
+	VUCOMISS     X6, X4
+	JEQ          qzero
+	VDIVSS       X4, X14, X6              // 127/amax
+	VBROADCASTSS X6, Y6
+	VMULPS       Y6, Y0, Y0
+	VMULPS       Y6, Y1, Y1
+	VMULPS       Y6, Y2, Y2
+	VMULPS       Y6, Y3, Y3
+	VCVTPS2DQ    Y0, Y0
+	VCVTPS2DQ    Y1, Y1
+	VCVTPS2DQ    Y2, Y2
+	VCVTPS2DQ    Y3, Y3
+	VPADDD       Y1, Y0, Y4
+	VPADDD       Y3, Y2, Y5
+	VPADDD       Y5, Y4, Y4
+	VEXTRACTI128 $1, Y4, X5
+	VPADDD       X5, X4, X4
+	VPSHUFD      $0x4e, X4, X5
+	VPADDD       X5, X4, X4
+	VPSHUFD      $0xb1, X4, X5
+	VPADDD       X5, X4, X4
+	VMOVD        X4, (R9)
+	VPACKSSDW    Y1, Y0, Y0
+	VPACKSSDW    Y3, Y2, Y2
+	VPACKSSWB    Y2, Y0, Y0
+	VPERMD       Y0, Y13, Y0
+	VMOVDQU      Y0, (DI)
+	JMP          qnext
+
+qzero:
+	VPXOR   Y0, Y0, Y0
+	VMOVDQU Y0, (DI)
+	MOVL    $0, (R9)
+
+qnext:
+	ADDQ $128, SI
+	ADDQ $32, DI
+	ADDQ $4, R8
+	ADDQ $4, R9
+	DECQ CX
+	JNZ  qloop
+	VZEROUPPER
+	RET

@@ -263,3 +263,41 @@ func BenchmarkMatRows(b *testing.B) {
 		}
 	}
 }
+
+// The AVX2 activation quantisation equals quantQ8Block, including zero
+// blocks and values at rounding ties.
+func TestQuantQ8MatchesGo(t *testing.T) {
+	if !useAVX2 {
+		t.Skip("no AVX2/FMA/F16C on this CPU")
+	}
+	rng := rand.New(rand.NewSource(9))
+	const nb = 41
+	x := make([]float32, nb*32)
+	for i := range x {
+		x[i] = float32(rng.NormFloat64()) * float32(math.Pow(10, float64(rng.Intn(7)-3)))
+	}
+	for i := 64; i < 96; i++ { // a zero block
+		x[i] = 0
+	}
+	for i := 96; i < 128; i++ { // ties: amax 127 → id 1, x.5 values
+		x[i] = float32(i-112) + 0.5
+	}
+	x[96] = 127
+	for _, kind := range []GGMLType{TypeQ8_0, TypeQ4_1} {
+		a := newQAct(1, len(x))
+		a.prepare(kind, x, 1, len(x))
+		for b := 0; b < nb; b++ {
+			qs := make([]int8, 32)
+			var d, s float32
+			sum := quantQ8Block(x[b*32:b*32+32], qs, &d, &s)
+			if d != a.d[b] || s != a.s[b] || sum != a.isum[b] {
+				t.Fatalf("block %d: d %g/%g s %g/%g sum %d/%d", b, a.d[b], d, a.s[b], s, a.isum[b], sum)
+			}
+			for j := range qs {
+				if qs[j] != a.qs[b*32+j] {
+					t.Fatalf("block %d q[%d] = %d, want %d", b, j, a.qs[b*32+j], qs[j])
+				}
+			}
+		}
+	}
+}
