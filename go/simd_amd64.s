@@ -262,6 +262,16 @@ adone:
 	VZEROUPPER
 	RET
 
+DATA q4shift<>+0(SB)/4, $0
+DATA q4shift<>+4(SB)/4, $0
+DATA q4shift<>+8(SB)/4, $0
+DATA q4shift<>+12(SB)/4, $0
+DATA q4shift<>+16(SB)/4, $4
+DATA q4shift<>+20(SB)/4, $4
+DATA q4shift<>+24(SB)/4, $4
+DATA q4shift<>+28(SB)/4, $4
+GLOBL q4shift<>(SB), RODATA|NOPTR, $32
+
 // PFD is how far ahead (bytes) the matrix kernels prefetch the weights.
 #define PFD 2048
 
@@ -280,13 +290,14 @@ adone:
 // Q4UPAIR does the same for the raw Q4_0 nibbles at wo(SI) (0..15, used
 // as the unsigned operand); SUM4Q4 subtracts 8*sum(y) afterwards (exact integers,
 // the Go code's formula).
+// (Y12 holds the dword shift counts 0,0,0,0,4,4,4,4: low nibbles in the
+// low lane, high nibbles in the high lane, without a cross-lane shuffle.)
 #define Q4UPAIR(wo, qo, dst) \
-	VMOVDQU     wo(SI), X2; \
-	VPSRLW      $4, X2, X3; \
-	VINSERTI128 $1, X3, Y2, Y2; \
-	VPAND       Y14, Y2, Y2; \
-	VPMADDUBSW  qo(DI), Y2, Y4; \
-	VPMADDWD    Y15, Y4, dst
+	VBROADCASTI128 wo(SI), Y2; \
+	VPSRLVD        Y12, Y2, Y2; \
+	VPAND          Y14, Y2, Y2; \
+	VPMADDUBSW     qo(DI), Y2, Y4; \
+	VPMADDWD       Y15, Y4, dst
 
 // SUM4 turns the partial sums of 4 blocks (Y8..Y11) into their exact int32
 // block sums, converts them, multiplies by the 4 scale products in X6 and
@@ -299,13 +310,11 @@ adone:
 	VPADDD       X9, X8, X8; \
 	VCVTDQ2PS    X8, X8; \
 	VMULPS       X8, X6, X6; \
-	VADDSS       X6, X0, X0; \
-	VMOVSHDUP    X6, X7; \
-	VADDSS       X7, X0, X0; \
-	VMOVHLPS     X6, X6, X7; \
-	VADDSS       X7, X0, X0; \
-	VPERMILPS    $0xff, X6, X7; \
-	VADDSS       X7, X0, X0
+	VMOVUPS      X6, p-16(SP); \
+	VADDSS       p-16(SP), X0, X0; \
+	VADDSS       p-12(SP), X0, X0; \
+	VADDSS       p-8(SP), X0, X0; \
+	VADDSS       p-4(SP), X0, X0
 
 #define SUM4Q4 \
 	VPHADDD      Y9, Y8, Y8; \
@@ -318,41 +327,44 @@ adone:
 	VPSUBD       X9, X8, X8; \
 	VCVTDQ2PS    X8, X8; \
 	VMULPS       X8, X6, X6; \
-	VADDSS       X6, X0, X0; \
-	VMOVSHDUP    X6, X7; \
-	VADDSS       X7, X0, X0; \
-	VMOVHLPS     X6, X6, X7; \
-	VADDSS       X7, X0, X0; \
-	VPERMILPS    $0xff, X6, X7; \
-	VADDSS       X7, X0, X0
+	VMOVUPS      X6, p-16(SP); \
+	VADDSS       p-16(SP), X0, X0; \
+	VADDSS       p-12(SP), X0, X0; \
+	VADDSS       p-8(SP), X0, X0; \
+	VADDSS       p-4(SP), X0, X0
 
-// SCALE4 puts the products of the 4 fp16 weight scales at SI+0, +bs, +2bs,
-// +3bs with the 4 activation scales at (DX) into X6.
+// SCALE4 puts the products of the 4 fp16 weight scales at SI+0, +b1, +b2,
+// +b3 (gathered in AX, clobbers BX) with the 4 activation scales at (DX) into X6.
 #define SCALE4(b1, b2, b3) \
-	MOVWLZX   (SI), AX; \
-	VMOVD     AX, X6; \
-	VPINSRW   $1, b1(SI), X6, X6; \
-	VPINSRW   $2, b2(SI), X6, X6; \
-	VPINSRW   $3, b3(SI), X6, X6; \
+	MOVWQZX   (SI), AX; \
+	MOVWQZX   b1(SI), BX; \
+	SHLQ      $16, BX; \
+	ORQ       BX, AX; \
+	MOVWQZX   b2(SI), BX; \
+	SHLQ      $32, BX; \
+	ORQ       BX, AX; \
+	MOVWQZX   b3(SI), BX; \
+	SHLQ      $48, BX; \
+	ORQ       BX, AX; \
+	VMOVQ     AX, X6; \
 	VCVTPH2PS X6, X6; \
 	VMULPS    (DX), X6, X6
 
 // func matQ8_0AVX2(out *float32, w *byte, stride, nrows int, qs *int8, d *float32, nb int)
-TEXT ·matQ8_0AVX2(SB), NOSPLIT, $0-56
+TEXT ·matQ8_0AVX2(SB), NOSPLIT, $16-56
 	MOVQ out+0(FP), R8
 	MOVQ w+8(FP), R9
 	MOVQ stride+16(FP), R10
 	MOVQ nrows+24(FP), R11
 	MOVQ qs+32(FP), R12
 	MOVQ d+40(FP), R13
-	MOVQ nb+48(FP), BX
 	ONES16
 
 m8row:
 	MOVQ   R9, SI
 	MOVQ   R12, DI
 	MOVQ   R13, DX
-	MOVQ   BX, CX
+	MOVQ   nb+48(FP), CX
 	VXORPS X0, X0, X0
 
 m8g4:
@@ -396,15 +408,15 @@ m8done:
 	RET
 
 // func matQ4_0AVX2(out *float32, w *byte, stride, nrows int, qs *int8, d *float32, nb int, ysum *int32)
-TEXT ·matQ4_0AVX2(SB), NOSPLIT, $0-64
+TEXT ·matQ4_0AVX2(SB), NOSPLIT, $16-64
 	MOVQ         out+0(FP), R8
 	MOVQ         w+8(FP), R9
 	MOVQ         stride+16(FP), R10
 	MOVQ         nrows+24(FP), R11
 	MOVQ         qs+32(FP), R12
 	MOVQ         d+40(FP), R13
-	MOVQ         nb+48(FP), BX
 	ONES16
+	VMOVDQU      q4shift<>(SB), Y12
 	MOVL         $0x0f0f0f0f, AX
 	VMOVD        AX, X14
 	VPBROADCASTD X14, Y14
@@ -417,7 +429,7 @@ m4row:
 	MOVQ   R9, SI
 	MOVQ   R12, DI
 	MOVQ   R13, DX
-	MOVQ   BX, CX
+	MOVQ   nb+48(FP), CX
 	VXORPS X0, X0, X0
 
 m4g4:
