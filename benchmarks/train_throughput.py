@@ -46,8 +46,7 @@ def jax_run(config: LlamaConfig, batches: list[np.ndarray], optimizer: str, step
         params, opt_state, out = step(params, opt_state, batch)
         losses.append(float(out["loss"]))
         times.append(time.perf_counter() - start)
-    timed = times[warmup_steps:]
-    return losses, b * (t1 - 1) * len(timed) / sum(timed)
+    return losses, b * (t1 - 1) / float(np.median(times[warmup_steps:]))
 
 
 def torch_run(config: LlamaConfig, batches: list[np.ndarray], steps: int, warmup_steps: int, schedule_steps: int):
@@ -86,10 +85,9 @@ def torch_run(config: LlamaConfig, batches: list[np.ndarray], steps: int, warmup
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         times.append(time.perf_counter() - start)
-    timed = times[warmup_steps:]
-    return losses, tokens.shape[0] * (tokens.shape[1] - 1) * len(timed) / sum(timed)
+    return losses, tokens.shape[0] * (tokens.shape[1] - 1) / float(np.median(times[warmup_steps:]))
 
 
 def make_batches(config: LlamaConfig, batch: int, seq: int, count: int) -> list[np.ndarray]:
@@ -139,7 +137,7 @@ def main(argv=None):
     (RESULTS / "train_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
     md = ["# Training throughput: JAX vs transformers + AdamW (CPU, fp32)", "",
           f"{os.cpu_count()} CPUs, {THREADS} threads, measured fp32 GEMM peak {gemm / 1e9:.0f} GFLOP/s; "
-          "nano shapes, seq 256, batch 8; compile / first steps excluded.", "",
+          "nano shapes, seq 256, batch 8; median step time, compile / first steps excluded.", "",
           "| path | tok/s | share of GEMM peak | ratio to torch |", "| --- | --- | --- | --- |"]
     for name, row in speed.items():
         md.append(f"| {name} | {row['tokens_per_sec']:.1f} | {100 * row['share_of_gemm_peak']:.0f}% | "

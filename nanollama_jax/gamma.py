@@ -889,7 +889,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("inject", help="θ = θ_base + α·gamma → a new run", formatter_class=raw,
                        description="θ = θ_base + α·gamma, written as a params-only run (usable by export, "
-                                   "generate, train --resume-from…).\n\n--cross-depth: base layer i takes gamma layer "
+                                   "generate, train --init-from).\n\n--cross-depth: base layer i takes gamma layer "
                                    "floor(i·(L_g−1)/(L_b−1) + 1/2).",
                        epilog="examples:\n  python -m nanollama_jax.gamma inject --base runs/base --gamma pirate.npz "
                               "-o runs/pirate2\n  python -m nanollama_jax.gamma inject --base runs/deeper --gamma "

@@ -23,6 +23,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 
 from .config import LlamaConfig
 
@@ -95,7 +96,7 @@ class Attention(nn.Module):
         c = self.config
         dt = jnp.dtype(c.dtype)
         init = uniform_fan_in(c.n_embd)
-        b, t, _ = x.shape
+        b, t = positions.shape
         q = dense(c.n_head * c.head_dim, ("embed", "heads"), init, dt, "c_q")(x)
         k = dense(c.n_kv_head * c.head_dim, ("embed", "kv_heads"), init, dt, "c_k")(x)
         v = dense(c.n_kv_head * c.head_dim, ("embed", "kv_heads"), init, dt, "c_v")(x)
@@ -116,7 +117,7 @@ class Attention(nn.Module):
             mask = key_pos[None, :] <= (cache_start + jnp.arange(t))[:, None]  # [T, S]
             out = jax.nn.dot_product_attention(q, k_cache.astype(dt), v_cache.astype(dt), mask=mask[None, None])
             cache = (k_cache, v_cache)
-        out = out.reshape(b, t, c.n_head * c.head_dim)
+        out = out.reshape(b * t, c.n_head * c.head_dim)
         return dense(c.n_embd, ("heads", "embed"), nn.initializers.zeros, dt, "c_proj")(out), cache
 
 
@@ -134,7 +135,8 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    """One pre-norm transformer layer; the scan carries the residual stream."""
+    """One pre-norm transformer layer; the scan carries the residual stream as [tokens, embed]
+    (2-D matmuls: XLA's CPU backend runs [B, T, d] x [d, n] contractions several times slower)."""
 
     config: LlamaConfig
 
@@ -142,7 +144,7 @@ class Block(nn.Module):
     def __call__(self, x, positions, cache_start, cache):
         c = self.config
         dt = jnp.dtype(c.dtype)
-        x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+        x = nn.with_logical_constraint(x, ("batch", "act_embed"))
         h, cache = Attention(c, name="attn")(RMSNorm(c.norm_eps, dt, name="attn_norm")(x), positions, cache, cache_start)
         x = x + h
         x = x + FeedForward(c, name="ffn")(RMSNorm(c.norm_eps, dt, name="ffn_norm")(x))
@@ -165,7 +167,8 @@ class Llama(nn.Module):
                          embedding_init=nn.with_logical_partitioning(
                              real_vocab_only(nn.initializers.normal(1.0), c.vocab_size, 0), ("vocab", "embed")),
                          name="tok_embeddings")
-        x = embed(tokens)
+        b, t = tokens.shape
+        x = embed(tokens).reshape(b * t, c.n_embd)
         block = Block
         if c.remat != "none":
             block = nn.remat(block, policy=REMAT[c.remat], prevent_cse=False)
@@ -176,7 +179,7 @@ class Llama(nn.Module):
         x = RMSNorm(c.norm_eps, dt, name="norm")(x)
         head_init = real_vocab_only(nn.initializers.normal(0.001), c.vocab_size, 1)
         logits = dense(c.padded_vocab, ("embed", "vocab"), head_init, dt, "output")(x)
-        logits = logits.astype(jnp.float32)
+        logits = logits.astype(jnp.float32).reshape(b, t, c.padded_vocab)
         if c.softcap:
             logits = c.softcap * jnp.tanh(logits / c.softcap)
         if c.padded_vocab > c.vocab_size:
@@ -219,6 +222,7 @@ def decode_step(params: Params, tokens: jax.Array, cache, cache_start, config: L
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """Mean next-token cross-entropy in float32."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
+    """Mean next-token cross-entropy in float32 (logsumexp form: no [tokens, vocab] log-prob array)."""
+    vocab = logits.shape[-1]
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32).reshape(-1, vocab), targets.reshape(-1)))

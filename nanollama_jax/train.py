@@ -268,6 +268,8 @@ def main(argv=None):
     p.add_argument("--remat", choices=("none", "dots", "full"), help="activation rematerialisation policy")
     p.add_argument("--seed", type=int, default=0, help="init and data order (default 0)")
     p.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
+    p.add_argument("--init-from", help="start from another run's weights (an import, a GGUF read back, an "
+                                       "injected personality): continued pretraining with a fresh optimizer")
     p.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after this many steps of this invocation")
     p.add_argument("--eval-every", type=int, help="validation every N steps (default: 10 times per run)")
     p.add_argument("--eval-batches", type=int, default=4, help="validation batches per evaluation")
@@ -287,6 +289,9 @@ def main(argv=None):
 def train(args) -> None:
     init_distributed(args)
     config, recipe = load_size(args.size)
+    init_run = checkpoint.open_run(args.init_from) if args.init_from else None
+    if init_run:  # continued training: the model is the one in that run, whatever its origin
+        config = dataclasses.replace(init_run.config, dtype=config.dtype, remat=config.remat)
     if args.vocab_size:
         config = dataclasses.replace(config, vocab_size=args.vocab_size)
     mesh = sharding.make_mesh(args.mesh)
@@ -303,6 +308,9 @@ def train(args) -> None:
 
         data_dir = ensure_builtin(progress=jax.process_index() == 0)
     meta = input_data.load_meta(data_dir)
+    if init_run and meta["tokenizer_sha256"] != init_run.info.get("tokenizer_sha256"):
+        raise ValueError(f"--init-from {init_run.dir}: its tokenizer differs from the data's ({meta['tokenizer_path']}); "
+                         "prepare the data with --tokenizer " + str(init_run.tokenizer_path))
     if meta["vocab_size"] != config.vocab_size:
         log(f"vocabulary: {meta['vocab_size']} from {data_dir} (the size's default is {config.vocab_size})")
         config = dataclasses.replace(config, vocab_size=meta["vocab_size"])
@@ -341,10 +349,14 @@ def train(args) -> None:
     log(f"data: {data_dir} ({meta['train']['tokens']:,} training tokens, {meta['val']['tokens']:,} held out)")
     with jax.set_mesh(mesh), sharding.axis_rules():
         if start_step:
-            params, opt_state, saved = checkpoint.restore(mgr, start_step, p_shapes, p_sh, o_shapes, o_sh)
+            params, opt_state, _ = checkpoint.restore(mgr, start_step, p_shapes, p_sh, o_shapes, o_sh)
             log(f"resumed {run_dir} at step {start_step}")
         else:
-            params = sharding.init_sharded(config, mesh, plan.seed)
+            if init_run:
+                params = checkpoint.load_params(init_run.dir, init_run.step, shardings=p_sh)[1]
+                log(f"initialised from {init_run.dir} (step {init_run.step})")
+            else:
+                params = sharding.init_sharded(config, mesh, plan.seed)
             opt_state = jax.jit(tx.init, out_shardings=o_sh)(params)
         train_step = jax.jit(make_train_step(plan, tx), out_shardings=(p_sh, o_sh, None), donate_argnums=(0, 1))
         eval_step = jax.jit(make_eval_step(config))

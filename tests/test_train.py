@@ -129,6 +129,13 @@ def test_divergence_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(params))
 
 
+def test_init_from_continues_from_another_runs_weights(tmp_path, text_data, straight):
+    run = run_train(tmp_path, text_data, "continued", "--mesh", "1x1", "--steps", "2", "--init-from", str(straight))
+    first = losses(run)[1]
+    assert first < losses(straight)[1] - 1.0  # starts from trained weights, not from scratch
+    assert abs(first - losses(straight)[20]) < 0.5
+
+
 def test_two_processes_train_like_one_with_four_devices(tmp_path, text_data):
     one = run_train(tmp_path, text_data, "four", "--mesh", "4x1", "--batch-size", "2", "--steps", "6")
     with socket.socket() as s:
