@@ -880,7 +880,11 @@ func matRows(t GGMLType, data []byte, stride, lo, hi int, a *QAct, tok int, out 
 		nb := c / 32
 		qs := a.qs[tok*c : tok*c+c]
 		d := a.d[tok*nb : tok*nb+nb]
-		if nb == 0 || stride < rowBytes(t, c) {
+		bs := 34
+		if t == TypeQ4_0 {
+			bs = 18
+		}
+		if nb == 0 || stride < nb*bs {
 			return false
 		}
 		if t == TypeQ8_0 {
@@ -890,7 +894,11 @@ func matRows(t GGMLType, data []byte, stride, lo, hi int, a *QAct, tok int, out 
 			matQ4_0AVX2(&out[0], &w[0], stride, nr, &qs[0], &d[0], nb, &ysum[0])
 		}
 	case TypeF16, TypeF32:
-		if c&7 != 0 || stride < rowBytes(t, c) {
+		es := 4
+		if t == TypeF16 {
+			es = 2
+		}
+		if c&7 != 0 || stride < c*es {
 			return false
 		}
 		x := a.f[tok*c : tok*c+c]
