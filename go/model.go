@@ -470,10 +470,18 @@ func (j *attnJob) do(lo, hi int, scratch *[]float32) {
 				}
 			}
 		}
+		for p := 0; p < npos; {
+			if useAVX2 && npos-p >= 4 {
+				if k := expAVX2(&sc[p], max, npos-p); k > 0 {
+					p += k // math.Exp's own algorithm, 4 at a time
+					continue
+				}
+			}
+			sc[p] = float32(math.Exp(float64(sc[p] - max)))
+			p++
+		}
 		var sum float64
-		for p := range sc {
-			e := float32(math.Exp(float64(sc[p] - max)))
-			sc[p] = e
+		for _, e := range sc {
 			sum += float64(e)
 		}
 		inv := float32(1 / sum)

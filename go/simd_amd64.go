@@ -83,3 +83,6 @@ func wsumF16AVX2(out *float32, w *float32, v *uint16, stride, npos, n int)
 
 //go:noescape
 func quantQ8AVX2(x *float32, qs *int8, amax *float32, isum *int32, nb int)
+
+//go:noescape
+func expAVX2(sc *float32, max float32, n int) int

@@ -646,6 +646,66 @@ TEXT ·wsumF16AVX2(SB), NOSPLIT, $0-48
 	MOVQ n+40(FP), BX
 
 wcol:
+	CMPQ   BX, $64
+	JLT    wcol32
+	VXORPS Y0, Y0, Y0
+	VXORPS Y1, Y1, Y1
+	VXORPS Y2, Y2, Y2
+	VXORPS Y3, Y3, Y3
+	VXORPS Y4, Y4, Y4
+	VXORPS Y5, Y5, Y5
+	VXORPS Y6, Y6, Y6
+	VXORPS Y7, Y7, Y7
+	MOVQ   w+8(FP), DX
+	MOVQ   R9, SI
+	MOVQ   npos+32(FP), CX
+
+wpos64:
+	VBROADCASTSS (DX), Y8
+	VCVTPH2PS    (SI), Y9
+	VCVTPH2PS    16(SI), Y10
+	VCVTPH2PS    32(SI), Y11
+	VCVTPH2PS    48(SI), Y12
+	VMULPS       Y8, Y9, Y9
+	VMULPS       Y8, Y10, Y10
+	VMULPS       Y8, Y11, Y11
+	VMULPS       Y8, Y12, Y12
+	VADDPS       Y9, Y0, Y0
+	VADDPS       Y10, Y1, Y1
+	VADDPS       Y11, Y2, Y2
+	VADDPS       Y12, Y3, Y3
+	VCVTPH2PS    64(SI), Y9
+	VCVTPH2PS    80(SI), Y10
+	VCVTPH2PS    96(SI), Y11
+	VCVTPH2PS    112(SI), Y12
+	VMULPS       Y8, Y9, Y9
+	VMULPS       Y8, Y10, Y10
+	VMULPS       Y8, Y11, Y11
+	VMULPS       Y8, Y12, Y12
+	VADDPS       Y9, Y4, Y4
+	VADDPS       Y10, Y5, Y5
+	VADDPS       Y11, Y6, Y6
+	VADDPS       Y12, Y7, Y7
+	ADDQ         $4, DX
+	ADDQ         R10, SI
+	DECQ         CX
+	JNZ          wpos64
+	VMOVUPS      Y0, (DI)
+	VMOVUPS      Y1, 32(DI)
+	VMOVUPS      Y2, 64(DI)
+	VMOVUPS      Y3, 96(DI)
+	VMOVUPS      Y4, 128(DI)
+	VMOVUPS      Y5, 160(DI)
+	VMOVUPS      Y6, 192(DI)
+	VMOVUPS      Y7, 224(DI)
+	ADDQ         $256, DI
+	ADDQ         $128, R9
+	SUBQ         $64, BX
+	JNZ          wcol
+	VZEROUPPER
+	RET
+
+wcol32:
 	VXORPS Y0, Y0, Y0
 	VXORPS Y1, Y1, Y1
 	VXORPS Y2, Y2, Y2
@@ -772,4 +832,90 @@ qnext:
 	DECQ CX
 	JNZ  qloop
 	VZEROUPPER
+	RET
+
+// ---- softmax exponentials: Go's math.Exp (exp_amd64.s, FMA path), 4 lanes ----
+
+#define DC4(name, v) \
+	DATA name<>+0(SB)/8, v; \
+	DATA name<>+8(SB)/8, v; \
+	DATA name<>+16(SB)/8, v; \
+	DATA name<>+24(SB)/8, v; \
+	GLOBL name<>(SB), RODATA|NOPTR, $32
+
+DC4(eLOG2E, $1.4426950408889634073599246810018920)
+DC4(eLN2U, $0.69314718055966295651160180568695068359375)
+DC4(eLN2L, $0.28235290563031577122588448175013436025525412068e-12)
+DC4(eSIXTEENTH, $0.0625)
+DC4(eLOW, $-700.0)
+DC4(eC0, $0.5)
+DC4(eC1, $1.0)
+DC4(eC2, $2.0)
+DC4(eC3, $1.6666666666666666667e-1)
+DC4(eC4, $4.1666666666666666667e-2)
+DC4(eC5, $8.3333333333333333333e-3)
+DC4(eC6, $1.3888888888888888889e-3)
+DC4(eC7, $1.9841269841269841270e-4)
+DC4(eC8, $2.4801587301587301587e-5)
+
+// func expAVX2(sc *float32, max float32, n int) int
+// sc[i] = float32(math.Exp(float64(sc[i] - max))) for groups of 4 while all
+// four arguments are > -700 (no NaN, no denormal or zero results);
+// returns how many elements it did (a multiple of 4).
+TEXT ·expAVX2(SB), NOSPLIT, $0-32
+	MOVQ         sc+0(FP), SI
+	VBROADCASTSS max+8(FP), X15
+	MOVQ         n+16(FP), CX
+	XORQ         AX, AX
+	MOVQ         $0x3ff, DX
+	MOVQ         DX, X14
+	VPBROADCASTQ X14, Y14
+
+eloop:
+	CMPQ         CX, $4
+	JLT          edone
+	VMOVUPS      (SI), X0
+	VSUBPS       X15, X0, X0
+	VCVTPS2PD    X0, Y0
+	VCMPPD       $0x1e, eLOW<>(SB), Y0, Y4
+	VMOVMSKPD    Y4, DX
+	CMPQ         DX, $15
+	JNE          edone
+	VMULPD       eLOG2E<>(SB), Y0, Y1
+	VCVTPD2DQY   Y1, X2
+	VCVTDQ2PD    X2, Y3
+	VFNMADD231PD eLN2U<>(SB), Y3, Y0
+	VFNMADD231PD eLN2L<>(SB), Y3, Y0
+	VMULPD       eSIXTEENTH<>(SB), Y0, Y0
+	VMOVUPD      eC8<>(SB), Y1
+	VFMADD213PD  eC7<>(SB), Y0, Y1
+	VFMADD213PD  eC6<>(SB), Y0, Y1
+	VFMADD213PD  eC5<>(SB), Y0, Y1
+	VFMADD213PD  eC4<>(SB), Y0, Y1
+	VFMADD213PD  eC3<>(SB), Y0, Y1
+	VFMADD213PD  eC0<>(SB), Y0, Y1
+	VFMADD213PD  eC1<>(SB), Y0, Y1
+	VMULPD       Y1, Y0, Y0
+	VADDPD       eC2<>(SB), Y0, Y1
+	VMULPD       Y1, Y0, Y0
+	VADDPD       eC2<>(SB), Y0, Y1
+	VMULPD       Y1, Y0, Y0
+	VADDPD       eC2<>(SB), Y0, Y1
+	VMULPD       Y1, Y0, Y0
+	VADDPD       eC2<>(SB), Y0, Y1
+	VFMADD213PD  eC1<>(SB), Y1, Y0
+	VPMOVSXDQ    X2, Y2
+	VPADDQ       Y14, Y2, Y2
+	VPSLLQ       $52, Y2, Y2
+	VMULPD       Y2, Y0, Y0
+	VCVTPD2PSY   Y0, X0
+	VMOVUPS      X0, (SI)
+	ADDQ         $16, SI
+	ADDQ         $4, AX
+	SUBQ         $4, CX
+	JMP          eloop
+
+edone:
+	VZEROUPPER
+	MOVQ AX, ret+24(FP)
 	RET

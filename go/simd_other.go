@@ -28,3 +28,5 @@ func wsumF16AVX2(out *float32, w *float32, v *uint16, stride, npos, n int) {
 }
 
 func quantQ8AVX2(x *float32, qs *int8, amax *float32, isum *int32, nb int) { panic("no AVX2") }
+
+func expAVX2(sc *float32, max float32, n int) int { panic("no AVX2") }

@@ -208,7 +208,7 @@ func TestF16ConversionsAndWeightedSum(t *testing.T) {
 			t.Fatalf("roundF16(%g) = %g, want %g", v, r[i], w)
 		}
 	}
-	for _, hd := range []int{32, 64, 128} {
+	for _, hd := range []int{32, 64, 96, 128} {
 		for _, npos := range []int{1, 2, 7, 40} {
 			stride := hd + 32 // elements between rows, as a KV cache with several heads
 			v := make([]uint16, npos*stride)
@@ -299,5 +299,44 @@ func TestQuantQ8MatchesGo(t *testing.T) {
 				}
 			}
 		}
+	}
+}
+
+// expAVX2 reproduces math.Exp bit for bit (it is Go's own amd64 algorithm)
+// and stops at arguments it does not handle.
+func TestExpMatchesMathExp(t *testing.T) {
+	if !useAVX2 {
+		t.Skip("no AVX2/FMA/F16C on this CPU")
+	}
+	rng := rand.New(rand.NewSource(11))
+	const n = 1 << 16
+	sc := make([]float32, n)
+	for i := range sc {
+		switch i % 3 {
+		case 0:
+			sc[i] = -rng.Float32() * 5
+		case 1:
+			sc[i] = -rng.Float32() * 697
+		default:
+			sc[i] = float32(rng.NormFloat64())
+		}
+	}
+	const max = 2.5
+	want := make([]float32, n)
+	for i, v := range sc {
+		want[i] = float32(math.Exp(float64(v - max)))
+	}
+	got := append([]float32(nil), sc...)
+	if k := expAVX2(&got[0], max, n); k != n {
+		t.Fatalf("did %d of %d", k, n)
+	}
+	for i := range got {
+		if got[i] != want[i] {
+			t.Fatalf("exp(%g) = %g, want %g", sc[i]-max, got[i], want[i])
+		}
+	}
+	edge := []float32{0, -1, -800, 0, 0, 0, 0, 0}
+	if k := expAVX2(&edge[0], 0, len(edge)); k != 0 {
+		t.Fatalf("did %d elements past an argument below -700", k)
 	}
 }
