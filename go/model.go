@@ -367,16 +367,20 @@ func (j *matmulJob) do(lo, hi int, _ *[]float32) {
 
 func (j *matmulJob) rows(w *Matrix, out []float32, lo, hi int) {
 	a, n, rows := j.a, j.n, w.Rows
-	if matRows(w.Type, w.Data, w.RowBytes, lo, hi, a, 0, out[lo:hi]) {
-		for t := 1; t < n; t++ {
+	t := 0
+	for t+4 <= n && matRows4(w.Type, w.Data, w.RowBytes, lo, hi, a, t, out[t*rows+lo:], rows) {
+		t += 4
+	}
+	if t < n && matRows(w.Type, w.Data, w.RowBytes, lo, hi, a, t, out[t*rows+lo:t*rows+hi]) {
+		for t++; t < n; t++ {
 			matRows(w.Type, w.Data, w.RowBytes, lo, hi, a, t, out[t*rows+lo:t*rows+hi])
 		}
 		return
 	}
 	for r := lo; r < hi; r++ {
 		row := w.Row(r)
-		for t := 0; t < n; t++ {
-			out[t*rows+r] = dotRow(w.Type, row, a, t)
+		for u := t; u < n; u++ {
+			out[u*rows+r] = dotRow(w.Type, row, a, u)
 		}
 	}
 }

@@ -379,6 +379,13 @@ type QAct struct {
 	s     []float32 // actQ8_1: d*sum(qs) per block
 	bsums []int32   // actQ8_K: sums of 16-element groups
 	isum  []int32   // actQ8_0/actQ8_1: sum of each block's quants
+	// actQ8_0 with AVX2: groups of 4 rows interleaved per block for the
+	// 4-token kernels (qs4: block b of row 4g+k at g*4*cols + 128*b + 32*k;
+	// d4, ys4: the scales and isums, 4 per block); groups4 are valid.
+	qs4     []int8
+	d4      []float32
+	ys4     []int32
+	groups4 int
 }
 
 func newQAct(maxRows, maxCols int) *QAct {
@@ -389,12 +396,16 @@ func newQAct(maxRows, maxCols int) *QAct {
 		s:     make([]float32, maxRows*maxCols/32),
 		bsums: make([]int32, maxRows*maxCols/16),
 		isum:  make([]int32, maxRows*maxCols/32),
+		qs4:   make([]int8, maxRows*maxCols),
+		d4:    make([]float32, maxRows*maxCols/32),
+		ys4:   make([]int32, maxRows*maxCols/32),
 	}
 }
 
 // prepare converts rows×cols activations x for a weight of type t.
 func (a *QAct) prepare(t GGMLType, x []float32, rows, cols int) {
 	a.kind, a.rows, a.cols = actKindFor(t), rows, cols
+	a.groups4 = 0
 	n := rows * cols
 	switch a.kind {
 	case actF32:
@@ -415,6 +426,9 @@ func (a *QAct) prepare(t GGMLType, x []float32, rows, cols int) {
 				dd := a.d[b] / 127
 				a.d[b] = f16Table[f32ToF16(dd)]
 				a.s[b] = f16Table[f32ToF16(float32(a.isum[b])*dd)]
+			}
+			if a.kind == actQ8_0 {
+				a.interleave4()
 			}
 			return
 		}
@@ -939,4 +953,63 @@ func roundF16(dst, src []float32) {
 	for i := m; i < n; i++ {
 		dst[i] = f16Table[f32ToF16(src[i])]
 	}
+}
+
+// interleave4 lays out groups of 4 activation rows for the 4-token kernels.
+func (a *QAct) interleave4() {
+	c := a.cols
+	nb := c / 32
+	g := a.rows / 4
+	for gi := 0; gi < g; gi++ {
+		for k := 0; k < 4; k++ {
+			r := 4*gi + k
+			for b := 0; b < nb; b++ {
+				copy(a.qs4[gi*4*c+128*b+32*k:gi*4*c+128*b+32*k+32], a.qs[r*c+32*b:r*c+32*b+32])
+				a.d4[gi*4*nb+4*b+k] = a.d[r*nb+b]
+				a.ys4[gi*4*nb+4*b+k] = a.isum[r*nb+b]
+			}
+		}
+	}
+	a.groups4 = g
+}
+
+// matRows4 is matRows for the 4 tokens tok..tok+3 at once: out[k*ostride+r-lo]
+// for token tok+k. It reports false when no 4-token kernel applies.
+func matRows4(t GGMLType, data []byte, stride, lo, hi int, a *QAct, tok int, out []float32, ostride int) bool {
+	nr := hi - lo
+	c := a.cols
+	if !useAVX2 || nr <= 0 || c == 0 || tok%4 != 0 || tok+4 > a.rows {
+		return false
+	}
+	_ = out[3*ostride+nr-1]
+	w := data[lo*stride : hi*stride]
+	switch t {
+	case TypeQ8_0, TypeQ4_0:
+		nb := c / 32
+		g := tok / 4
+		bs := 34
+		if t == TypeQ4_0 {
+			bs = 18
+		}
+		if a.kind != actQ8_0 || g >= a.groups4 || nb == 0 || stride < nb*bs {
+			return false
+		}
+		y := a.qs4[g*4*c : g*4*c+4*c]
+		d := a.d4[g*4*nb : g*4*nb+4*nb]
+		ys := a.ys4[g*4*nb : g*4*nb+4*nb]
+		if t == TypeQ8_0 {
+			matQ8_0x4AVX2(&out[0], 4*ostride, &w[0], stride, nr, &y[0], &d[0], &ys[0], nb)
+		} else {
+			matQ4_0x4AVX2(&out[0], 4*ostride, &w[0], stride, nr, &y[0], &d[0], &ys[0], nb)
+		}
+	case TypeF16:
+		if a.kind != actF16 || c&7 != 0 || stride < 2*c {
+			return false
+		}
+		x := a.f[tok*c : tok*c+4*c]
+		matF16x4AVX2(&out[0], 4*ostride, (*uint16)(unsafe.Pointer(&w[0])), stride, nr, &x[0], 4*c, c)
+	default:
+		return false
+	}
+	return true
 }

@@ -86,3 +86,15 @@ func quantQ8AVX2(x *float32, qs *int8, amax *float32, isum *int32, nb int)
 
 //go:noescape
 func expAVX2(sc *float32, max float32, n int) int
+
+// The x4 kernels do the mat* work for 4 tokens at once: out[k*ostride/4+r]
+// for token k (see QAct.interleave4 for the Q8 activation layout).
+
+//go:noescape
+func matQ8_0x4AVX2(out *float32, ostride int, w *byte, stride, nrows int, y *int8, d *float32, ys *int32, nb int)
+
+//go:noescape
+func matQ4_0x4AVX2(out *float32, ostride int, w *byte, stride, nrows int, y *int8, d *float32, ys *int32, nb int)
+
+//go:noescape
+func matF16x4AVX2(out *float32, ostride int, w *uint16, stride, nrows int, x *float32, xstride, n int)

@@ -919,3 +919,195 @@ edone:
 	VZEROUPPER
 	MOVQ AX, ret+24(FP)
 	RET
+
+// ---- 4-token matrix kernels (prefill): one weight row against 4 tokens ----
+// The activations of the 4 tokens are interleaved per block (y: block b of
+// token k at 128*b + 32*k; d and ysum: 4 per block). Lane k of X0 is token
+// k's sum, added block after block as in the Go code.
+
+// T4SUM reduces Y8..Y11 (token 0..3 partial sums of one block) to the 4
+// block sums in X8.
+#define T4SUM \
+	VPHADDD      Y9, Y8, Y8; \
+	VPHADDD      Y11, Y10, Y10; \
+	VPHADDD      Y10, Y8, Y8; \
+	VEXTRACTI128 $1, Y8, X9; \
+	VPADDD       X9, X8, X8
+
+// T4ACC: X0 += (dw * d[k]) * float32(X8[k]) for the weight scale at (SI).
+#define T4ACC \
+	VCVTDQ2PS    X8, X8; \
+	MOVWLZX      (SI), AX; \
+	VMOVD        AX, X6; \
+	VCVTPH2PS    X6, X6; \
+	VBROADCASTSS X6, X6; \
+	VMULPS       (DX), X6, X6; \
+	VMULPS       X8, X6, X6; \
+	VADDPS       X6, X0, X0
+
+// T4STORE writes lane k of X0 to R8 + k*BX.
+#define T4STORE \
+	MOVQ      R8, AX; \
+	VMOVSS    X0, (AX); \
+	ADDQ      BX, AX; \
+	VEXTRACTPS $1, X0, (AX); \
+	ADDQ      BX, AX; \
+	VEXTRACTPS $2, X0, (AX); \
+	ADDQ      BX, AX; \
+	VEXTRACTPS $3, X0, (AX)
+
+#define Q8T(k, dst) \
+	VMOVDQU    k(DI), Y5; \
+	VPSIGNB    Y2, Y5, Y5; \
+	VPMADDUBSW Y5, Y3, Y4; \
+	VPMADDWD   Y15, Y4, dst
+
+// func matQ8_0x4AVX2(out *float32, ostride int, w *byte, stride, nrows int, y *int8, d *float32, ys *int32, nb int)
+TEXT ·matQ8_0x4AVX2(SB), NOSPLIT, $0-72
+	MOVQ out+0(FP), R8
+	MOVQ ostride+8(FP), BX
+	MOVQ w+16(FP), R9
+	MOVQ stride+24(FP), R10
+	MOVQ nrows+32(FP), R11
+	ONES16
+
+t8row:
+	MOVQ   R9, SI
+	MOVQ   y+40(FP), DI
+	MOVQ   d+48(FP), DX
+	MOVQ   nb+64(FP), CX
+	VXORPS X0, X0, X0
+
+t8blk:
+	VMOVDQU 2(SI), Y2
+	VPSIGNB Y2, Y2, Y3
+	Q8T(0, Y8)
+	Q8T(32, Y9)
+	Q8T(64, Y10)
+	Q8T(96, Y11)
+	T4SUM
+	T4ACC
+	ADDQ    $34, SI
+	ADDQ    $128, DI
+	ADDQ    $16, DX
+	DECQ    CX
+	JNZ     t8blk
+	T4STORE
+	ADDQ    $4, R8
+	ADDQ    R10, R9
+	DECQ    R11
+	JNZ     t8row
+	VZEROUPPER
+	RET
+
+#define Q4T(k, dst) \
+	VPMADDUBSW k(DI), Y2, Y4; \
+	VPMADDWD   Y15, Y4, dst
+
+// func matQ4_0x4AVX2(out *float32, ostride int, w *byte, stride, nrows int, y *int8, d *float32, ys *int32, nb int)
+TEXT ·matQ4_0x4AVX2(SB), NOSPLIT, $0-72
+	MOVQ         out+0(FP), R8
+	MOVQ         ostride+8(FP), BX
+	MOVQ         w+16(FP), R9
+	MOVQ         stride+24(FP), R10
+	MOVQ         nrows+32(FP), R11
+	ONES16
+	VMOVDQU      q4shift<>(SB), Y12
+	MOVL         $0x0f0f0f0f, AX
+	VMOVD        AX, X14
+	VPBROADCASTD X14, Y14
+
+t4row:
+	MOVQ   R9, SI
+	MOVQ   y+40(FP), DI
+	MOVQ   d+48(FP), DX
+	MOVQ   ys+56(FP), R14
+	MOVQ   nb+64(FP), CX
+	VXORPS X0, X0, X0
+
+t4blk:
+	VBROADCASTI128 2(SI), Y2
+	VPSRLVD        Y12, Y2, Y2
+	VPAND          Y14, Y2, Y2
+	Q4T(0, Y8)
+	Q4T(32, Y9)
+	Q4T(64, Y10)
+	Q4T(96, Y11)
+	T4SUM
+	VMOVDQU        (R14), X9
+	VPSLLD         $3, X9, X9
+	VPSUBD         X9, X8, X8
+	T4ACC
+	ADDQ           $18, SI
+	ADDQ           $128, DI
+	ADDQ           $16, DX
+	ADDQ           $16, R14
+	DECQ           CX
+	JNZ            t4blk
+	T4STORE
+	ADDQ           $4, R8
+	ADDQ           R10, R9
+	DECQ           R11
+	JNZ            t4row
+	VZEROUPPER
+	RET
+
+// HSUMR reduces the 8 lanes of Y as HSUM8 does, into X (T is scratch).
+#define HSUMR(Y, X, T) \
+	VEXTRACTF128 $1, Y, T; \
+	VADDPS       T, X, X; \
+	VHADDPS      X, X, X; \
+	VHADDPS      X, X, X
+
+// func matF16x4AVX2(out *float32, ostride int, w *uint16, stride, nrows int, x *float32, xstride, n int)
+// matF16AVX2 for 4 tokens at once (x rows xstride bytes apart).
+TEXT ·matF16x4AVX2(SB), NOSPLIT, $0-64
+	MOVQ out+0(FP), R8
+	MOVQ w+16(FP), R9
+	MOVQ stride+24(FP), R10
+	MOVQ nrows+32(FP), R11
+	MOVQ xstride+48(FP), R12
+	LEAQ (R12)(R12*2), R13
+
+throw:
+	MOVQ   R9, SI
+	MOVQ   x+40(FP), DI
+	MOVQ   n+56(FP), CX
+	VXORPS Y0, Y0, Y0
+	VXORPS Y1, Y1, Y1
+	VXORPS Y2, Y2, Y2
+	VXORPS Y3, Y3, Y3
+
+th8:
+	VCVTPH2PS (SI), Y4
+	VMULPS    (DI), Y4, Y5
+	VMULPS    (DI)(R12*1), Y4, Y6
+	VMULPS    (DI)(R12*2), Y4, Y7
+	VMULPS    (DI)(R13*1), Y4, Y8
+	VADDPS    Y5, Y0, Y0
+	VADDPS    Y6, Y1, Y1
+	VADDPS    Y7, Y2, Y2
+	VADDPS    Y8, Y3, Y3
+	ADDQ      $16, SI
+	ADDQ      $32, DI
+	SUBQ      $8, CX
+	JNZ       th8
+	HSUMR(Y0, X0, X4)
+	HSUMR(Y1, X1, X5)
+	HSUMR(Y2, X2, X6)
+	HSUMR(Y3, X3, X7)
+	MOVQ      ostride+8(FP), BX
+	MOVQ      R8, AX
+	VMOVSS    X0, (AX)
+	ADDQ      BX, AX
+	VMOVSS    X1, (AX)
+	ADDQ      BX, AX
+	VMOVSS    X2, (AX)
+	ADDQ      BX, AX
+	VMOVSS    X3, (AX)
+	ADDQ      $4, R8
+	ADDQ      R10, R9
+	DECQ      R11
+	JNZ       throw
+	VZEROUPPER
+	RET

@@ -30,3 +30,13 @@ func wsumF16AVX2(out *float32, w *float32, v *uint16, stride, npos, n int) {
 func quantQ8AVX2(x *float32, qs *int8, amax *float32, isum *int32, nb int) { panic("no AVX2") }
 
 func expAVX2(sc *float32, max float32, n int) int { panic("no AVX2") }
+
+func matQ8_0x4AVX2(out *float32, ostride int, w *byte, stride, nrows int, y *int8, d *float32, ys *int32, nb int) {
+	panic("no AVX2")
+}
+func matQ4_0x4AVX2(out *float32, ostride int, w *byte, stride, nrows int, y *int8, d *float32, ys *int32, nb int) {
+	panic("no AVX2")
+}
+func matF16x4AVX2(out *float32, ostride int, w *uint16, stride, nrows int, x *float32, xstride, n int) {
+	panic("no AVX2")
+}

@@ -340,3 +340,43 @@ func TestExpMatchesMathExp(t *testing.T) {
 		t.Fatalf("did %d elements past an argument below -700", k)
 	}
 }
+
+// The 4-token kernels equal dotRow for every (row, token), bit for bit.
+func TestMatRows4MatchesDotRow(t *testing.T) {
+	if !useAVX2 {
+		t.Skip("no AVX2/FMA/F16C on this CPU")
+	}
+	rng := rand.New(rand.NewSource(4))
+	for _, typ := range []GGMLType{TypeQ8_0, TypeQ4_0, TypeF16} {
+		for _, nb := range []int{1, 3, 12} {
+			cols, rows, toks := nb*32, 9, 11
+			rb := rowBytes(typ, cols)
+			data := make([]byte, 0, rows*rb)
+			for r := 0; r < rows; r++ {
+				data = append(data, randomRow(rng, typ, cols)...)
+			}
+			x := make([]float32, toks*cols)
+			for i := range x {
+				x[i] = float32(rng.NormFloat64())
+			}
+			a := newQAct(toks, cols)
+			a.prepare(typ, x, toks, cols)
+			out := make([]float32, toks*rows)
+			for tok := 0; tok+4 <= toks; tok += 4 {
+				if !matRows4(typ, data, rb, 1, rows, a, tok, out[tok*rows+1:], rows) {
+					t.Fatalf("%s: no kernel", typ)
+				}
+				for k := 0; k < 4; k++ {
+					for r := 1; r < rows; r++ {
+						if want := dotRow(typ, data[r*rb:(r+1)*rb], a, tok+k); out[(tok+k)*rows+r] != want {
+							t.Fatalf("%s nb=%d tok=%d row %d: %g, want %g", typ, nb, tok+k, r, out[(tok+k)*rows+r], want)
+						}
+					}
+				}
+			}
+			if matRows4(typ, data, rb, 1, rows, a, 8, out[8*rows+1:], rows) {
+				t.Fatalf("%s: ran past the last complete group", typ)
+			}
+		}
+	}
+}
