@@ -520,6 +520,22 @@ func (j *attnJob) do(lo, hi int, scratch *[]float32) {
 	}
 }
 
+// siluMul sets g[i] = silu(g[i]) * up[i].
+func siluMul(g, up []float32) {
+	up = up[:len(g)]
+	for i := 0; i < len(g); {
+		if useAVX2 && len(g)-i >= 4 {
+			if k := siluMulAVX2(&g[i], &up[i], len(g)-i); k > 0 {
+				i += k // math.Exp's own algorithm, 4 at a time
+				continue
+			}
+		}
+		x := g[i]
+		g[i] = x / (1 + float32(math.Exp(float64(-x)))) * up[i]
+		i++
+	}
+}
+
 func rmsnorm(out, x, w []float32, eps float32) {
 	var ss float64
 	for _, v := range x {
@@ -627,10 +643,7 @@ func (s *Session) forwardBatch(tokens []int32, allOut []float32, last bool) {
 			s.matmulPrepared(n, l.Gate, s.hb, nil, nil, nil, nil)
 			s.matmul(s.hb2, l.Up, s.xb, n)
 		}
-		for i := 0; i < n*c.FFN; i++ {
-			g := s.hb[i]
-			s.hb[i] = g / (1 + float32(math.Exp(float64(-g)))) * s.hb2[i]
-		}
+		siluMul(s.hb[:n*c.FFN], s.hb2[:n*c.FFN])
 		s.matmul(s.xb, l.Down, s.hb, n)
 		for i := 0; i < n*d; i++ {
 			s.x[i] += s.xb[i]

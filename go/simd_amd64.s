@@ -848,6 +848,7 @@ DC4(eLN2U, $0.69314718055966295651160180568695068359375)
 DC4(eLN2L, $0.28235290563031577122588448175013436025525412068e-12)
 DC4(eSIXTEENTH, $0.0625)
 DC4(eLOW, $-700.0)
+DC4(eHIGH, $700.0)
 DC4(eC0, $0.5)
 DC4(eC1, $1.0)
 DC4(eC2, $2.0)
@@ -857,6 +858,37 @@ DC4(eC5, $8.3333333333333333333e-3)
 DC4(eC6, $1.3888888888888888889e-3)
 DC4(eC7, $1.9841269841269841270e-4)
 DC4(eC8, $2.4801587301587301587e-5)
+
+// EXPCORE: Y0 = exp(Y0) for 4 doubles, Go's algorithm (needs Y14 = 1023
+// as int64; clobbers Y1..Y4).
+#define EXPCORE \
+	VMULPD       eLOG2E<>(SB), Y0, Y1; \
+	VCVTPD2DQY   Y1, X2; \
+	VCVTDQ2PD    X2, Y3; \
+	VFNMADD231PD eLN2U<>(SB), Y3, Y0; \
+	VFNMADD231PD eLN2L<>(SB), Y3, Y0; \
+	VMULPD       eSIXTEENTH<>(SB), Y0, Y0; \
+	VMOVUPD      eC8<>(SB), Y1; \
+	VFMADD213PD  eC7<>(SB), Y0, Y1; \
+	VFMADD213PD  eC6<>(SB), Y0, Y1; \
+	VFMADD213PD  eC5<>(SB), Y0, Y1; \
+	VFMADD213PD  eC4<>(SB), Y0, Y1; \
+	VFMADD213PD  eC3<>(SB), Y0, Y1; \
+	VFMADD213PD  eC0<>(SB), Y0, Y1; \
+	VFMADD213PD  eC1<>(SB), Y0, Y1; \
+	VMULPD       Y1, Y0, Y0; \
+	VADDPD       eC2<>(SB), Y0, Y1; \
+	VMULPD       Y1, Y0, Y0; \
+	VADDPD       eC2<>(SB), Y0, Y1; \
+	VMULPD       Y1, Y0, Y0; \
+	VADDPD       eC2<>(SB), Y0, Y1; \
+	VMULPD       Y1, Y0, Y0; \
+	VADDPD       eC2<>(SB), Y0, Y1; \
+	VFMADD213PD  eC1<>(SB), Y1, Y0; \
+	VPMOVSXDQ    X2, Y2; \
+	VPADDQ       Y14, Y2, Y2; \
+	VPSLLQ       $52, Y2, Y2; \
+	VMULPD       Y2, Y0, Y0
 
 // func expAVX2(sc *float32, max float32, n int) int
 // sc[i] = float32(math.Exp(float64(sc[i] - max))) for groups of 4 while all
@@ -881,33 +913,7 @@ eloop:
 	VMOVMSKPD    Y4, DX
 	CMPQ         DX, $15
 	JNE          edone
-	VMULPD       eLOG2E<>(SB), Y0, Y1
-	VCVTPD2DQY   Y1, X2
-	VCVTDQ2PD    X2, Y3
-	VFNMADD231PD eLN2U<>(SB), Y3, Y0
-	VFNMADD231PD eLN2L<>(SB), Y3, Y0
-	VMULPD       eSIXTEENTH<>(SB), Y0, Y0
-	VMOVUPD      eC8<>(SB), Y1
-	VFMADD213PD  eC7<>(SB), Y0, Y1
-	VFMADD213PD  eC6<>(SB), Y0, Y1
-	VFMADD213PD  eC5<>(SB), Y0, Y1
-	VFMADD213PD  eC4<>(SB), Y0, Y1
-	VFMADD213PD  eC3<>(SB), Y0, Y1
-	VFMADD213PD  eC0<>(SB), Y0, Y1
-	VFMADD213PD  eC1<>(SB), Y0, Y1
-	VMULPD       Y1, Y0, Y0
-	VADDPD       eC2<>(SB), Y0, Y1
-	VMULPD       Y1, Y0, Y0
-	VADDPD       eC2<>(SB), Y0, Y1
-	VMULPD       Y1, Y0, Y0
-	VADDPD       eC2<>(SB), Y0, Y1
-	VMULPD       Y1, Y0, Y0
-	VADDPD       eC2<>(SB), Y0, Y1
-	VFMADD213PD  eC1<>(SB), Y1, Y0
-	VPMOVSXDQ    X2, Y2
-	VPADDQ       Y14, Y2, Y2
-	VPSLLQ       $52, Y2, Y2
-	VMULPD       Y2, Y0, Y0
+	EXPCORE
 	VCVTPD2PSY   Y0, X0
 	VMOVUPS      X0, (SI)
 	ADDQ         $16, SI
@@ -1110,4 +1116,53 @@ th8:
 	DECQ      R11
 	JNZ       throw
 	VZEROUPPER
+	RET
+
+// func siluMulAVX2(x, up *float32, n int) int
+// x[i] = x[i] / (1 + float32(math.Exp(float64(-x[i])))) * up[i] for groups
+// of 4 while all -x are in (-700, 700); returns how many it did.
+TEXT ·siluMulAVX2(SB), NOSPLIT, $0-32
+	MOVQ         x+0(FP), SI
+	MOVQ         up+8(FP), DI
+	MOVQ         n+16(FP), CX
+	XORQ         AX, AX
+	MOVQ         $0x3ff, DX
+	MOVQ         DX, X14
+	VPBROADCASTQ X14, Y14
+	MOVL         $0x3f800000, DX
+	VMOVD        DX, X13
+	VPBROADCASTD X13, X13 // 1.0f
+	MOVL         $0x80000000, DX
+	VMOVD        DX, X12
+	VPBROADCASTD X12, X12 // sign bit
+
+sloop:
+	CMPQ      CX, $4
+	JLT       sdone
+	VMOVUPS   (SI), X5
+	VXORPS    X12, X5, X0 // -g
+	VCVTPS2PD X0, Y0
+	VCMPPD    $0x1e, eLOW<>(SB), Y0, Y4
+	VMOVMSKPD Y4, DX
+	CMPQ      DX, $15
+	JNE       sdone
+	VCMPPD    $0x11, eHIGH<>(SB), Y0, Y4
+	VMOVMSKPD Y4, DX
+	CMPQ      DX, $15
+	JNE       sdone
+	EXPCORE
+	VCVTPD2PSY Y0, X0
+	VADDPS    X0, X13, X0
+	VDIVPS    X0, X5, X5
+	VMULPS    (DI), X5, X5
+	VMOVUPS   X5, (SI)
+	ADDQ      $16, SI
+	ADDQ      $16, DI
+	ADDQ      $4, AX
+	SUBQ      $4, CX
+	JMP       sloop
+
+sdone:
+	VZEROUPPER
+	MOVQ AX, ret+24(FP)
 	RET

@@ -40,3 +40,5 @@ func matQ4_0x4AVX2(out *float32, ostride int, w *byte, stride, nrows int, y *int
 func matF16x4AVX2(out *float32, ostride int, w *uint16, stride, nrows int, x *float32, xstride, n int) {
 	panic("no AVX2")
 }
+
+func siluMulAVX2(x, up *float32, n int) int { panic("no AVX2") }

@@ -380,3 +380,49 @@ func TestMatRows4MatchesDotRow(t *testing.T) {
 		}
 	}
 }
+
+// BenchmarkPrefill times a 128-token prompt on NANOLLAMA_BENCH_MODEL.
+func BenchmarkPrefill(b *testing.B) {
+	path := os.Getenv("NANOLLAMA_BENCH_MODEL")
+	if path == "" {
+		b.Skip("NANOLLAMA_BENCH_MODEL not set")
+	}
+	m, err := LoadModel(path, 1)
+	if err != nil {
+		b.Fatal(err)
+	}
+	s := m.NewSession(1024, false)
+	prompt := make([]int32, 128)
+	for i := range prompt {
+		prompt[i] = int32(259 + i*97%(m.Cfg.Vocab-259))
+	}
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		s.Reset()
+		if _, err := s.Forward(prompt, nil); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+func TestSiluMulMatchesGo(t *testing.T) {
+	rng := rand.New(rand.NewSource(12))
+	const n = 1 << 15
+	g := make([]float32, n)
+	up := make([]float32, n)
+	for i := range g {
+		g[i] = float32(rng.NormFloat64()) * float32(math.Pow(10, float64(rng.Intn(5)-2)))
+		up[i] = float32(rng.NormFloat64())
+	}
+	g[5], g[100], g[200] = 800, -800, 90 // outside the kernel's range; exp overflow in float32
+	want := make([]float32, n)
+	for i, x := range g {
+		want[i] = x / (1 + float32(math.Exp(float64(-x)))) * up[i]
+	}
+	siluMul(g, up)
+	for i := range g {
+		if g[i] != want[i] && !(g[i] != g[i] && want[i] != want[i]) {
+			t.Fatalf("silu[%d] = %g, want %g", i, g[i], want[i])
+		}
+	}
+}
