@@ -456,6 +456,7 @@ func (j *attnJob) do(lo, hi int, scratch *[]float32) {
 			kc := s.kcache[j.layer]
 			if useAVX2 && hd&7 == 0 {
 				// sc[p] = dotF16(K row p, qh), bit for bit
+				_ = kc[(npos-1)*kvd+kvo+hd-1]
 				matF16AVX2(&sc[0], &kc[kvo], 2*kvd, npos, &qh[0], hd)
 				for p, d := range sc {
 					d *= scale
@@ -511,6 +512,7 @@ func (j *attnJob) do(lo, hi int, scratch *[]float32) {
 		roundF16(sc, sc)
 		if useAVX2 && hd&31 == 0 {
 			// the sum of the axpyF16 calls below, bit for bit
+			_, _ = vc[(npos-1)*kvd+kvo+hd-1], out[hd-1]
 			wsumF16AVX2(&out[0], &sc[0], &vc[kvo], 2*kvd, npos, hd)
 			continue
 		}

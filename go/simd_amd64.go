@@ -2,14 +2,17 @@
 
 package main
 
+import "os"
+
 // AVX2 + FMA + F16C kernels (simd_amd64.s); the pure-Go versions in
 // quant.go remain the fallback on other CPUs and architectures.
 
 func cpuid(eaxArg, ecxArg uint32) (eax, ebx, ecx, edx uint32)
 func xgetbv() (eax, edx uint32)
 
-// useAVX2 is true when the CPU and OS support AVX2, FMA and F16C.
-var useAVX2 = detectAVX2()
+// useAVX2 is true when the CPU and OS support AVX2, FMA and F16C, unless
+// NANOLLAMA_NOSIMD is set (to run the pure-Go code, e.g. in tests).
+var useAVX2 = detectAVX2() && os.Getenv("NANOLLAMA_NOSIMD") == ""
 
 func detectAVX2() bool {
 	maxID, _, _, _ := cpuid(0, 0)
