@@ -72,9 +72,6 @@ func matF16AVX2(out *float32, w *uint16, stride, nrows int, x *float32, n int)
 //go:noescape
 func matF32AVX2(out *float32, w *float32, stride, nrows int, x *float32, n int)
 
-// spinPause is the PAUSE instruction, for spin-wait loops.
-func spinPause()
-
 //go:noescape
 func f32ToF16AVX2(dst *uint16, src *float32, n int)
 

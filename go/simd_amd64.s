@@ -586,11 +586,6 @@ mfdone:
 	VZEROUPPER
 	RET
 
-// func spinPause()
-TEXT ·spinPause(SB), NOSPLIT, $0-0
-	PAUSE
-	RET
-
 // func f32ToF16AVX2(dst *uint16, src *float32, n int)
 // n a multiple of 8; round to nearest even (as f32ToF16).
 TEXT ·f32ToF16AVX2(SB), NOSPLIT, $0-24

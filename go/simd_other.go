@@ -19,8 +19,6 @@ func matQ4_0AVX2(out *float32, w *byte, stride, nrows int, qs *int8, d *float32,
 func matF16AVX2(out *float32, w *uint16, stride, nrows int, x *float32, n int)  { panic("no AVX2") }
 func matF32AVX2(out *float32, w *float32, stride, nrows int, x *float32, n int) { panic("no AVX2") }
 
-func spinPause() {}
-
 func f32ToF16AVX2(dst *uint16, src *float32, n int) { panic("no AVX2") }
 func roundF16AVX2(dst, src *float32, n int)         { panic("no AVX2") }
 func wsumF16AVX2(out *float32, w *float32, v *uint16, stride, npos, n int) {
