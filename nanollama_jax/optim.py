@@ -120,25 +120,25 @@ def cautious_weight_decay(rate: float, schedule) -> optax.GradientTransformation
     return optax.GradientTransformation(init, update)
 
 
-def group_rates(config: LlamaConfig, lr_scale: float = 1.0) -> dict[str, float]:
+def group_rates(config: LlamaConfig, lr_scale: float = 1.0, kind: str = "muon") -> dict[str, float]:
+    """Peak learning rate per group. With plain AdamW the hidden matrices take the head's rate
+    (Muon's 0.02 is a rate for orthogonalised updates, far too large for Adam's)."""
     s = (config.n_embd / 768) ** -0.5
-    return {"embed": 0.2 * s * lr_scale, "head": 0.004 * s * lr_scale, "norm": 0.004 * s * lr_scale,
-            "matrix": MUON_LR * lr_scale}
+    head = 0.004 * s * lr_scale
+    return {"embed": 0.2 * s * lr_scale, "head": head, "norm": head,
+            "matrix": head if kind == "adamw" else MUON_LR * lr_scale}
 
 
 def make_optimizer(config: LlamaConfig, steps: int, *, kind: str = "muon", lr_scale: float = 1.0,
                    warmup: int = 100, weight_decay: float = 0.0, clip: float = 1.0) -> optax.GradientTransformation:
     """The whole update rule: clip, then one transform per group, each on the WSD schedule."""
     multiplier = wsd_schedule(steps, warmup)
-    rates = group_rates(config, lr_scale)
+    rates = group_rates(config, lr_scale, kind)
 
     def adam(rate):
         return optax.adamw(lambda t: rate * multiplier(t), weight_decay=weight_decay, **ADAM)
 
     if kind == "adamw":
-        # Plain alternative: AdamW everywhere; the hidden matrices take the head's rate scaled up 10x,
-        # a usual AdamW rate for these widths.
-        rates["matrix"] = 10 * rates["head"]
         transforms = {g: adam(r) for g, r in rates.items()}
     elif kind == "muon":
         schedule = lambda t: rates["matrix"] * multiplier(t)  # noqa: E731
@@ -160,8 +160,6 @@ def make_optimizer(config: LlamaConfig, steps: int, *, kind: str = "muon", lr_sc
 def learning_rates(config: LlamaConfig, steps: int, step: int, *, kind: str = "muon", lr_scale: float = 1.0,
                    warmup: int = 100) -> dict[str, float]:
     """Each group's learning rate at `step` (for logs and tests)."""
-    rates = group_rates(config, lr_scale)
-    if kind == "adamw":
-        rates["matrix"] = 10 * rates["head"]
+    rates = group_rates(config, lr_scale, kind)
     m = float(wsd_schedule(steps, warmup)(step))
     return {g: r * m for g, r in rates.items()}
