@@ -20,7 +20,6 @@ base folder's, its sha256 recorded and checked. Training mixes it in with
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from typing import Iterator
 
 from .format import DataError, load_meta, sha256_file
 from .prepare import DEFAULT_SHARD_SIZE, prepare
-from .sources import LocalSource, _open_text, _kind, split_text_documents
+from .sources import LocalSource, _kind, _open_text, jsonl_objects, split_text_documents
 
 SHAPES = "messages, instruction/response, user/assistant or text"
 
@@ -81,21 +80,15 @@ class PersonalitySource:
     def documents(self) -> Iterator[str]:
         for f in self.files:
             try:
-                with _open_text(f) as fh:
-                    if _kind(f) == "jsonl":
-                        for lineno, line in enumerate(fh, 1):
-                            if not line.strip():
-                                continue
-                            try:
-                                obj = json.loads(line)
-                            except json.JSONDecodeError as e:
-                                raise DataError(f"{f}:{lineno}: invalid JSON ({e.msg})") from None
-                            doc = render(obj, f"{f}:{lineno}")
-                            if doc.strip():
-                                yield doc
-                    elif _kind(f) == "parquet":
-                        raise DataError(f"{f}: personality data must be .jsonl or plain text")
-                    else:
+                if _kind(f) == "jsonl":
+                    for lineno, obj in jsonl_objects(f):
+                        doc = render(obj, f"{f}:{lineno}")
+                        if doc.strip():
+                            yield doc
+                elif _kind(f) == "parquet":
+                    raise DataError(f"{f}: personality data must be .jsonl or plain text")
+                else:
+                    with _open_text(f) as fh:
                         yield from split_text_documents(fh.read())
             except UnicodeDecodeError as e:
                 raise DataError(f"{f}: not UTF-8 text (byte {e.start}: {e.reason})") from None

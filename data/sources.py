@@ -73,6 +73,18 @@ PRESETS["medium"] = PRESETS["multilingual64k"]
 PRESETS["large"] = PRESETS["multilingual96k"]
 
 
+def jsonl_objects(f: pathlib.Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed object) for each non-blank line of a JSONL file."""
+    with _open_text(f) as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{f}:{lineno}: invalid JSON ({e.msg})") from None
+
+
 def split_text_documents(text: str, max_chars: int = MAX_DOC_CHARS) -> Iterator[str]:
     """Blank-line triples separate documents; over-long ones are cut at line ends."""
     for piece in text.split("\n\n\n"):
@@ -166,19 +178,12 @@ class LocalSource:
                 raise DataError(f"{f}: unreadable ({getattr(e, 'strerror', None) or e})") from None
 
     def _jsonl(self, f: pathlib.Path) -> Iterator[str]:
-        with _open_text(f) as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{f}:{lineno}: invalid JSON ({e.msg})") from None
-                text = obj.get(self.text_field) if isinstance(obj, dict) else None
-                if not isinstance(text, str):
-                    raise DataError(f"{f}:{lineno}: no {self.text_field!r} text field in this JSON line")
-                if text.strip():
-                    yield text
+        for lineno, obj in jsonl_objects(f):
+            text = obj.get(self.text_field) if isinstance(obj, dict) else None
+            if not isinstance(text, str):
+                raise DataError(f"{f}:{lineno}: no {self.text_field!r} text field in this JSON line")
+            if text.strip():
+                yield text
 
     def _parquet(self, f: pathlib.Path) -> Iterator[str]:
         try:

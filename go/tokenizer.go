@@ -290,19 +290,20 @@ func splitSymbols(text string) []symbol {
 	return syms
 }
 
-func (t *Tokenizer) spm(text string, out []int32) []int32 {
+// mergeSymbols splits text into UTF-8 symbols and merges adjacent pairs best
+// first, as llama.cpp's SentencePiece and BPE tokenizers both do; they differ
+// only in how a pair is ranked (pair returns the ranking, false for no merge).
+func mergeSymbols(text string, bpe bool, pair func(l, r symbol) (bigram, bool)) []symbol {
 	syms := splitSymbols(text)
-	q := &bigramQueue{}
+	q := &bigramQueue{bpe: bpe}
 	try := func(l, r int) {
 		if l < 0 || r < 0 {
 			return
 		}
-		s := text[syms[l].start : syms[r].start+syms[r].n]
-		id, ok := t.ids[s]
-		if !ok {
-			return
+		if b, ok := pair(syms[l], syms[r]); ok {
+			b.left, b.right = l, r
+			heap.Push(q, b)
 		}
-		heap.Push(q, bigram{left: l, right: r, score: t.Scores[id], size: len(s)})
 	}
 	for i := 1; i < len(syms); i++ {
 		try(i-1, i)
@@ -322,6 +323,18 @@ func (t *Tokenizer) spm(text string, out []int32) []int32 {
 		try(ls.prev, b.left)
 		try(b.left, ls.next)
 	}
+	return syms
+}
+
+func (t *Tokenizer) spm(text string, out []int32) []int32 {
+	syms := mergeSymbols(text, false, func(l, r symbol) (bigram, bool) {
+		s := text[l.start : r.start+r.n]
+		id, ok := t.ids[s]
+		if !ok {
+			return bigram{}, false
+		}
+		return bigram{score: t.Scores[id], size: len(s)}, true
+	})
 	for i := 0; i != -1 && len(syms) > 0; i = syms[i].next {
 		s := text[syms[i].start : syms[i].start+syms[i].n]
 		if id, ok := t.ids[s]; ok {
@@ -525,38 +538,11 @@ func (t *Tokenizer) bpe(word string, out []int32) []int32 {
 			return append(out, id)
 		}
 	}
-	syms := splitSymbols(text)
-	q := &bigramQueue{bpe: true}
-	try := func(l, r int) {
-		if l < 0 || r < 0 {
-			return
-		}
-		a := text[syms[l].start : syms[l].start+syms[l].n]
-		b := text[syms[r].start : syms[r].start+syms[r].n]
+	syms := mergeSymbols(text, true, func(l, r symbol) (bigram, bool) {
+		a, b := text[l.start:l.start+l.n], text[r.start:r.start+r.n]
 		rank, ok := t.mergeRank[a+" "+b]
-		if !ok {
-			return
-		}
-		heap.Push(q, bigram{left: l, right: r, rank: rank, size: len(a) + len(b)})
-	}
-	for i := 1; i < len(syms); i++ {
-		try(i-1, i)
-	}
-	for q.Len() > 0 {
-		b := heap.Pop(q).(bigram)
-		ls, rs := &syms[b.left], &syms[b.right]
-		if ls.n == 0 || rs.n == 0 || ls.n+rs.n != b.size {
-			continue
-		}
-		ls.n += rs.n
-		rs.n = 0
-		ls.next = rs.next
-		if rs.next >= 0 {
-			syms[rs.next].prev = b.left
-		}
-		try(ls.prev, b.left)
-		try(b.left, ls.next)
-	}
+		return bigram{rank: rank, size: len(a) + len(b)}, ok
+	})
 	for i := 0; i != -1 && len(syms) > 0; i = syms[i].next {
 		s := text[syms[i].start : syms[i].start+syms[i].n]
 		if id, ok := t.ids[s]; ok {
