@@ -41,10 +41,16 @@ def sample_token(logits: jax.Array, key: jax.Array, temperature: float, top_k: i
     return jax.random.categorical(key, logits, axis=-1)
 
 
-def make_decoder(config: LlamaConfig):
-    """Jitted prefill and one-token step sharing one cache layout."""
-    step = jax.jit(functools.partial(decode_step, config=config), donate_argnums=(2,))
-    return step
+@functools.lru_cache(maxsize=8)
+def jitted_decode(config: LlamaConfig):
+    """The KV-cache step (prefill of T tokens or one new token), compiled once per config and
+    reused across calls (training draws samples with it every few hundred steps)."""
+    return jax.jit(functools.partial(decode_step, config=config), donate_argnums=(2,))
+
+
+@functools.lru_cache(maxsize=8)
+def jitted_forward(config: LlamaConfig):
+    return jax.jit(functools.partial(forward, config=config))
 
 
 def generate(params: Params, config: LlamaConfig, prompt: list[int], max_new_tokens: int, *,
@@ -58,7 +64,7 @@ def generate(params: Params, config: LlamaConfig, prompt: list[int], max_new_tok
     if len(prompt) >= limit:
         raise ValueError(f"the prompt has {len(prompt)} tokens; the model's context is {limit}")
     max_new_tokens = min(max_new_tokens, limit - len(prompt))
-    step = make_decoder(config)
+    step = jitted_decode(config)
     cache = init_cache(config, 1, limit)
     logits, cache = step(params, jnp.asarray([prompt], jnp.int32), cache, 0)
     key = jax.random.PRNGKey(seed)
@@ -80,7 +86,7 @@ def generate(params: Params, config: LlamaConfig, prompt: list[int], max_new_tok
 
 def prompt_logits(params: Params, config: LlamaConfig, ids: np.ndarray) -> np.ndarray:
     """float32 logits [T, vocab_size] for every position of one sequence."""
-    logits = jax.jit(functools.partial(forward, config=config))(params, jnp.asarray(ids, jnp.int32)[None])
+    logits = jitted_forward(config)(params, jnp.asarray(ids, jnp.int32)[None])
     return np.asarray(logits[0, :, : config.vocab_size], dtype=np.float32)
 
 

@@ -78,6 +78,11 @@ def param_shardings(config: LlamaConfig, mesh: Mesh) -> Params:
                                   logical, shapes, is_leaf=lambda x: isinstance(x, P))
 
 
+def accum_batch_sharding(mesh: Mesh) -> NamedSharding:
+    """A step's tokens [accumulation, micro-batch, T + 1]: micro-batch rows split along fsdp."""
+    return NamedSharding(mesh, P(None, "fsdp", None))
+
+
 def shard_like(tree, shardings):
     """Place a pytree of host or device arrays onto the given shardings."""
     return jax.tree_util.tree_map(jax.device_put, tree, shardings)

@@ -90,11 +90,13 @@ def cpu_gemm_flops(n: int = 1024) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
-def make_train_step(plan: Plan, tx: optax.GradientTransformation):
-    config = plan.config
+def next_token_loss(params, tokens, config: LlamaConfig):
+    """Mean cross-entropy of predicting tokens[:, 1:] from tokens[:, :-1]."""
+    return cross_entropy(forward(params, tokens[:, :-1], config), tokens[:, 1:])
 
-    def loss_fn(params, tokens):
-        return cross_entropy(forward(params, tokens[:, :-1], config), tokens[:, 1:])
+
+def make_train_step(plan: Plan, tx: optax.GradientTransformation):
+    loss_fn = functools.partial(next_token_loss, config=plan.config)
 
     def step(params, opt_state, batch):  # batch [accum, micro_batch, seq_len + 1]
         def micro(grads, tokens):
@@ -106,13 +108,6 @@ def make_train_step(plan: Plan, tx: optax.GradientTransformation):
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, {"loss": jnp.mean(losses),
                                                                   "grad_norm": optax.tree.norm(grads)}
-
-    return step
-
-
-def make_eval_step(config: LlamaConfig):
-    def step(params, tokens):
-        return cross_entropy(forward(params, tokens[:, :-1], config), tokens[:, 1:])
 
     return step
 
@@ -181,7 +176,7 @@ def dry_run(plan: Plan, mesh, compile_step: bool) -> None:
 
     tx = make_optimizer(plan.config, plan.steps, kind=plan.optimizer, lr_scale=plan.lr_scale, warmup=plan.warmup)
     p_shapes, p_sh, o_shapes, o_sh = state_shardings(plan, tx, mesh)
-    batch_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "fsdp", None))
+    batch_sh = sharding.accum_batch_sharding(mesh)
 
     def abstract(shapes, shardings):
         return jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
@@ -332,7 +327,7 @@ def train(args) -> None:
                          "personality_dir": args.personality_dir}}
     start_step = prepare_run(run_dir, args.resume, config, batches, sections)
     if jax.process_index() == 0:
-        run = checkpoint.create_run(run_dir, config, batches.tokenizer_path, **sections)
+        checkpoint.create_run(run_dir, config, batches.tokenizer_path, **sections)
     multihost_barrier("run folder")
     run = checkpoint.open_run(run_dir)
 
@@ -341,7 +336,7 @@ def train(args) -> None:
     tx = make_optimizer(config, plan.steps, kind=plan.optimizer, lr_scale=plan.lr_scale, warmup=plan.warmup,
                         weight_decay=plan.weight_decay)
     p_shapes, p_sh, o_shapes, o_sh = state_shardings(plan, tx, mesh)
-    batch_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "fsdp", None))
+    batch_sh = sharding.accum_batch_sharding(mesh)
     eval_sh = sharding.batch_sharding(mesh)
     mgr = checkpoint.manager(run, keep=args.keep)
 
@@ -359,7 +354,7 @@ def train(args) -> None:
                 params = sharding.init_sharded(config, mesh, plan.seed)
             opt_state = jax.jit(tx.init, out_shardings=o_sh)(params)
         train_step = jax.jit(make_train_step(plan, tx), out_shardings=(p_sh, o_sh, None), donate_argnums=(0, 1))
-        eval_step = jax.jit(make_eval_step(config))
+        eval_step = jax.jit(functools.partial(next_token_loss, config=config))
         loop(plan, args, run, mgr, batches, val, bpt, params, opt_state, train_step, eval_step, batch_sh, eval_sh,
              start_step, mesh)
 
@@ -415,7 +410,7 @@ def loop(plan, args, run, mgr, batches, val, bpt, params, opt_state, train_step,
 
     handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     val_local = [local_rows(v) for v in val]
-    window, window_tokens, window_time = [], 0, 0.0
+    window: list[float] = []  # recent step times, compilation excluded
     bar = tqdm(total=plan.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                disable=jax.process_index() != 0, file=sys.stderr)
     step = start_step
@@ -430,14 +425,12 @@ def loop(plan, args, run, mgr, batches, val, bpt, params, opt_state, train_step,
             step += 1
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 raise ValueError(f"step {step}: loss {loss}, grad norm {grad_norm} — training diverged; "
-                                         f"the last good checkpoint (step {saved_at}) is kept. Try a lower --lr-scale.")
+                                 f"the last good checkpoint (step {saved_at}) is kept. Try a lower --lr-scale.")
             if step > start_step + 1:  # the first step of an invocation includes compilation
-                window.append((plan.tokens_per_step, dt))
-                window = window[-20:]
-            window_tokens = sum(t for t, _ in window)
-            window_time = sum(d for _, d in window)
-            tok_s = window_tokens / window_time if window_time else float("nan")
-            mfu = tok_s * flops_per_token / (peak * n_dev) if peak and window_time else float("nan")
+                window = (window + [dt])[-20:]
+            step_time = sum(window) / len(window) if window else float("nan")
+            tok_s = plan.tokens_per_step / step_time
+            mfu = tok_s * flops_per_token / (peak * n_dev) if peak else float("nan")
             lr = learning_rates(config, plan.steps, step - 1, kind=plan.optimizer, lr_scale=plan.lr_scale,
                                 warmup=plan.warmup)["matrix"]
             metrics.write(step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_sec=tok_s, mfu=mfu,
@@ -445,7 +438,7 @@ def loop(plan, args, run, mgr, batches, val, bpt, params, opt_state, train_step,
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")
             if step % args.log_every == 0 or step == last_step:
-                eta = (plan.steps - step) * (window_time / len(window)) if window else float("nan")
+                eta = (plan.steps - step) * step_time
                 if jax.process_index() == 0:
                     bar.write(f"step {step:5d}/{plan.steps} | loss {loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
                               f"{tok_s:,.0f} tok/s | MFU {mfu * 100:.1f}% | ETA {format_eta(eta)}")
