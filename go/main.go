@@ -232,7 +232,9 @@ func repl(m *Model, s *Session, o *options, cfg SamplerConfig) error {
 			fmt.Fprintln(os.Stderr, "nanollama: error:", err)
 			continue
 		}
-		hist = append(hist[:0], s.hist...)
+		// The conversation so far is this prompt and its reply (the last
+		// reply token may not be in the cache yet; the next turn feeds it).
+		hist = append(prompt, st.Output...)
 		fmt.Fprintln(os.Stderr, st)
 	}
 }

@@ -267,7 +267,7 @@ type Session struct {
 	m      *Model
 	Ctx    int
 	Pos    int     // tokens in the KV cache
-	hist   []int32 // the tokens behind the cache (kept by Generate)
+	hist   []int32 // the tokens behind the cache: always len(hist) == Pos
 	kvF32  bool
 	kcache [][]uint16 // [layer][pos*kvd + i], fp16 like llama.cpp's default cache
 	vcache [][]uint16
@@ -292,7 +292,7 @@ func (m *Model) NewSession(ctx int, kvF32 bool) *Session {
 	}
 	kvd := c.NKVHead * c.HeadDim
 	qd := c.NHead * c.HeadDim
-	s := &Session{m: m, Ctx: ctx, kvF32: kvF32}
+	s := &Session{m: m, Ctx: ctx, kvF32: kvF32, hist: make([]int32, 0, ctx)}
 	for i := 0; i < c.NLayer; i++ {
 		if kvF32 {
 			s.kc32 = append(s.kc32, make([]float32, ctx*kvd))
@@ -332,10 +332,22 @@ func (s *Session) Reset() { s.Pos, s.hist = 0, s.hist[:0] }
 func (s *Session) Truncate(n int) {
 	if n < s.Pos {
 		s.Pos = n
-	}
-	if n < len(s.hist) {
 		s.hist = s.hist[:n]
 	}
+}
+
+// History returns the tokens whose keys and values the cache holds.
+func (s *Session) History() []int32 { return s.hist }
+
+// SharedPrefix is how many leading tokens of prompt the cache can serve.
+// It leaves at least one prompt token to evaluate, since the caller needs
+// the logits after the last prompt token.
+func (s *Session) SharedPrefix(prompt []int32) int {
+	n := 0
+	for n < len(s.hist) && n < len(prompt)-1 && s.hist[n] == prompt[n] {
+		n++
+	}
+	return n
 }
 
 // matmulJob computes up to three matrix products over the same prepared
@@ -590,6 +602,7 @@ func (s *Session) Forward(tokens []int32, all []float32) ([]float32, error) {
 			out = all[start*c.Vocab : end*c.Vocab]
 		}
 		s.forwardBatch(tokens[start:end], out, end == len(tokens))
+		s.hist = append(s.hist, tokens[start:end]...)
 	}
 	return s.logits, nil
 }
