@@ -214,14 +214,29 @@ func (r *reader) value(typ uint32, depth int) (interface{}, error) {
 		if err != nil {
 			return nil, err
 		}
-		// Every element takes at least one byte: reject impossible counts
-		// before allocating.
-		if n > uint64(len(r.b))-r.pos {
-			return nil, errTruncated
+		// Reject counts the rest of the file cannot hold before allocating,
+		// so memory stays bounded by the file's size.
+		if min := minElemBytes(et); n > (uint64(len(r.b))-r.pos)/min {
+			return nil, fmt.Errorf("array of %d elements of type %d does not fit the %d bytes left in the file", n, et, uint64(len(r.b))-r.pos)
 		}
 		return r.array(et, int(n), depth)
 	}
 	return nil, fmt.Errorf("unknown metadata value type %d", typ)
+}
+
+// minElemBytes is the fewest bytes an array element of type et occupies.
+func minElemBytes(et uint32) uint64 {
+	switch et {
+	case gUint16, gInt16:
+		return 2
+	case gUint32, gInt32, gFloat32:
+		return 4
+	case gUint64, gInt64, gFloat64, gString: // a string is at least its length
+		return 8
+	case gArray: // element type and count
+		return 12
+	}
+	return 1
 }
 
 func (r *reader) array(et uint32, n int, depth int) (interface{}, error) {
@@ -365,13 +380,16 @@ func parseGGUF(data []byte) (*GGUFFile, error) {
 	if err != nil {
 		return nil, fmt.Errorf("truncated GGUF header")
 	}
-	if nTensors > uint64(len(data)) || nKV > uint64(len(data)) {
+	// A key takes at least 13 bytes (length, type, one-byte value) and a
+	// tensor info at least 32, so larger counts cannot be real. The maps
+	// grow as entries are read, never pre-sized from the header's counts.
+	if nKV > uint64(len(data))/13 || nTensors > uint64(len(data))/32 {
 		return nil, fmt.Errorf("corrupt GGUF header (%d tensors, %d metadata keys in a %d-byte file)", nTensors, nKV, len(data))
 	}
 	g := &GGUFFile{
 		Version:   version,
-		Meta:      make(map[string]interface{}, nKV),
-		ByName:    make(map[string]*GGUFTensor, nTensors),
+		Meta:      map[string]interface{}{},
+		ByName:    map[string]*GGUFTensor{},
 		Alignment: 32,
 		data:      data,
 	}
@@ -420,6 +438,9 @@ func parseGGUF(data []byte) (*GGUFFile, error) {
 			if t.Dims[j], err = r.u64(); err != nil {
 				return nil, fmt.Errorf("truncated file while reading tensor info %q", name)
 			}
+			if t.Dims[j] == 0 || t.Dims[j] > math.MaxInt32 {
+				return nil, fmt.Errorf("tensor %q: dimension %d is %d (want 1..%d)", name, j, t.Dims[j], math.MaxInt32)
+			}
 		}
 		typ, err := r.u32()
 		if err != nil {
@@ -451,7 +472,11 @@ func parseGGUF(data []byte) (*GGUFFile, error) {
 		if n%uint64(info.blockSize) != 0 || t.Dims[0]%uint64(info.blockSize) != 0 {
 			return nil, fmt.Errorf("tensor %q: row length %d is not a multiple of the %s block size %d", t.Name, t.Dims[0], t.Type, info.blockSize)
 		}
-		nbytes := n / uint64(info.blockSize) * uint64(info.typeSize)
+		blocks := n / uint64(info.blockSize)
+		if blocks > math.MaxUint64/uint64(info.typeSize) {
+			return nil, fmt.Errorf("tensor %q: byte size overflows (dimensions %v)", t.Name, t.Dims)
+		}
+		nbytes := blocks * uint64(info.typeSize)
 		if t.Offset%g.Alignment != 0 {
 			return nil, fmt.Errorf("tensor %q: data offset %d is not aligned to %d", t.Name, t.Offset, g.Alignment)
 		}

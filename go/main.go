@@ -139,7 +139,9 @@ func run(o *options) error {
 	if err != nil {
 		return fmt.Errorf("%s: %v", o.model, err)
 	}
-	m.Tok = tok
+	if err := m.SetTokenizer(tok); err != nil {
+		return fmt.Errorf("%s: %v", o.model, err)
+	}
 	tok.IgnoreEOS = o.ignoreEOS
 	smp := SamplerConfig{Temp: float32(o.temp), TopK: o.topK, TopP: float32(o.topP), MinP: float32(o.minP),
 		RepPenalty: float32(o.repPenalty), RepWindow: o.repWindow, Seed: o.seed}

@@ -62,8 +62,9 @@ type Model struct {
 	Output  *Matrix
 	Layers  []Layer
 	Pool    *Pool
-	ropeCos []float32 // [CtxLen][NRot/2]
+	ropeCos []float32 // [positions][NRot/2], for the longest session opened
 	ropeSin []float32
+	ropeLen int // positions the tables cover
 	Tok     *Tokenizer
 }
 
@@ -202,6 +203,9 @@ func newModel(g *GGUFFile, threads int) (*Model, error) {
 	} else {
 		m.Output = m.TokEmb // tied embeddings
 	}
+	if m.Output.Rows != m.TokEmb.Rows {
+		return nil, fmt.Errorf("output.weight has %d rows but token_embd.weight has %d (the vocabulary sizes must match)", m.Output.Rows, m.TokEmb.Rows)
+	}
 	c.Vocab = m.Output.Rows
 	qd, kvd := c.NHead*c.HeadDim, c.NKVHead*c.HeadDim
 	for i := 0; i < c.NLayer; i++ {
@@ -230,19 +234,35 @@ func newModel(g *GGUFFile, threads int) (*Model, error) {
 	}
 	m.Cfg = c
 	m.Pool = NewPool(threads)
-	m.initRope()
 	return m, nil
 }
 
-// initRope builds cos/sin tables the way ggml's rope cache does (float32,
-// theta multiplied step by step by base^(-2/n_rot)).
-func (m *Model) initRope() {
+// SetTokenizer attaches tok after checking that its ids are rows of the
+// embedding.
+func (m *Model) SetTokenizer(tok *Tokenizer) error {
+	if len(tok.Tokens) > m.TokEmb.Rows {
+		return fmt.Errorf("the tokenizer has %d tokens but token_embd.weight only %d rows", len(tok.Tokens), m.TokEmb.Rows)
+	}
+	m.Tok = tok
+	return nil
+}
+
+// ensureRope builds cos/sin tables for positions [0, n) the way ggml's rope
+// cache does (float32, theta multiplied step by step by base^(-2/n_rot)).
+// They are sized by the sessions actually opened, never by the file's
+// context_length, which a file may set to anything. Sessions are opened
+// before any of them runs, so this needs no lock.
+func (m *Model) ensureRope(n int) {
 	c := m.Cfg
 	half := c.NRot / 2
-	m.ropeCos = make([]float32, c.CtxLen*half)
-	m.ropeSin = make([]float32, c.CtxLen*half)
+	if n <= m.ropeLen {
+		return
+	}
+	m.ropeLen = n
+	m.ropeCos = make([]float32, n*half)
+	m.ropeSin = make([]float32, n*half)
 	scale := float32(math.Pow(float64(c.RopeBase), -2.0/float64(c.NRot)))
-	for p := 0; p < c.CtxLen; p++ {
+	for p := 0; p < n; p++ {
 		theta := float32(p)
 		for i := 0; i < half; i++ {
 			m.ropeCos[p*half+i] = float32(math.Cos(float64(theta)))
@@ -292,6 +312,7 @@ func (m *Model) NewSession(ctx int, kvF32 bool) *Session {
 	}
 	kvd := c.NKVHead * c.HeadDim
 	qd := c.NHead * c.HeadDim
+	m.ensureRope(ctx)
 	s := &Session{m: m, Ctx: ctx, kvF32: kvF32, hist: make([]int32, 0, ctx)}
 	for i := 0; i < c.NLayer; i++ {
 		if kvF32 {
