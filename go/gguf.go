@@ -7,8 +7,9 @@ import (
 	"math"
 	"os"
 	"sort"
-	"syscall"
 )
+
+const maxInt = int(^uint(0) >> 1)
 
 // GGUF value types (gguf.GGUFValueType).
 const (
@@ -79,13 +80,16 @@ func OpenGGUF(path string) (*GGUFFile, error) {
 	if size < 24 {
 		return nil, fmt.Errorf("%s: truncated GGUF file (%d bytes, header needs 24)", path, size)
 	}
-	data, err := syscall.Mmap(int(f.Fd()), 0, int(size), syscall.PROT_READ, syscall.MAP_SHARED)
+	if uint64(size) > uint64(maxInt) {
+		return nil, fmt.Errorf("%s: %d bytes is too large to map on this platform", path, size)
+	}
+	data, err := mapFile(f, int(size))
 	if err != nil {
-		return nil, fmt.Errorf("%s: mmap: %v", path, err)
+		return nil, fmt.Errorf("%s: %v", path, err)
 	}
 	g, err := parseGGUF(data)
 	if err != nil {
-		syscall.Munmap(data)
+		unmapFile(data)
 		return nil, fmt.Errorf("%s: %v", path, err)
 	}
 	g.Path = path
@@ -97,7 +101,7 @@ func (g *GGUFFile) Close() error {
 	if g.data == nil {
 		return nil
 	}
-	err := syscall.Munmap(g.data)
+	err := unmapFile(g.data)
 	g.data = nil
 	return err
 }

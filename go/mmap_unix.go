@@ -1,0 +1,21 @@
+//go:build unix
+
+package main
+
+import (
+	"fmt"
+	"os"
+	"syscall"
+)
+
+// mapFile maps the file read-only: weights are paged in on demand and
+// shared between processes.
+func mapFile(f *os.File, size int) ([]byte, error) {
+	b, err := syscall.Mmap(int(f.Fd()), 0, size, syscall.PROT_READ, syscall.MAP_SHARED)
+	if err != nil {
+		return nil, fmt.Errorf("mmap: %v", err)
+	}
+	return b, nil
+}
+
+func unmapFile(b []byte) error { return syscall.Munmap(b) }
