@@ -10,6 +10,7 @@ import (
 	"os"
 	"runtime"
 	"strings"
+	"time"
 )
 
 const usageText = `nanollama: a pure-Go inference engine for llama GGUF models.
@@ -18,7 +19,7 @@ Usage:
   nanollama --model m.gguf --prompt "Once upon a time" [options]
   echo "Once upon a time" | nanollama --model m.gguf
   nanollama --model m.gguf --interactive
-  nanollama --model m.gguf --serve --host 127.0.0.1 --port 8080
+  nanollama --model m.gguf --serve --host 127.0.0.1 --port 8080 [--api-key KEY] [--cors-origin '*']
   nanollama --model m.gguf --tokens ids.npy --dump-logits logits.npy
   nanollama --model m.gguf --list-tensors
 
@@ -41,6 +42,7 @@ type options struct {
 	tokens, dumpLogits, kvType      string
 	gamma, lora                     string
 	alpha, loraScale                float64
+	srv                             serverOptions
 }
 
 func main() {
@@ -69,6 +71,10 @@ func main() {
 	fs.StringVar(&o.host, "host", "127.0.0.1", "server address")
 	fs.IntVar(&o.port, "port", 8080, "server port")
 	fs.IntVar(&o.parallel, "parallel", 4, "server: concurrent generations (KV-cache sessions)")
+	fs.IntVar(&o.srv.queue, "queue", 64, "server: requests that may wait for a session; more get 503 + Retry-After")
+	fs.DurationVar(&o.srv.timeout, "timeout", 10*time.Minute, "server: longest time one request may take (waiting included)")
+	fs.StringVar(&o.srv.apiKey, "api-key", "", "server: require Authorization: Bearer KEY on the API (the page asks for it)")
+	fs.StringVar(&o.srv.corsOrigin, "cors-origin", "", "server: allow browser requests from this origin (e.g. https://example.com or *)")
 	fs.BoolVar(&o.listTensors, "list-tensors", false, "print metadata and tensors, then exit")
 	fs.BoolVar(&o.tokenize, "tokenize", false, "print the token ids of the prompt (BOS included) and exit")
 	fs.StringVar(&o.tokens, "tokens", "", "int32 .npy of token ids (BOS included): the prompt, or the input of --dump-logits")
@@ -110,6 +116,9 @@ func run(o *options) error {
 	}
 	if o.maxTokens < 0 {
 		return fmt.Errorf("--max-tokens must be ≥ 0")
+	}
+	if o.srv.queue < 0 || o.srv.timeout <= 0 {
+		return fmt.Errorf("--queue must be ≥ 0 and --timeout positive")
 	}
 	m, err := LoadModel(o.model, o.threads)
 	if err != nil {

@@ -19,6 +19,8 @@ type parJob struct {
 	chunk int
 	next  int64
 	wg    sync.WaitGroup
+	mu    sync.Mutex
+	panic interface{} // a helper's panic, re-raised on the caller
 }
 
 func (j *parJob) work(scratch *[]float32) {
@@ -33,6 +35,21 @@ func (j *parJob) work(scratch *[]float32) {
 		}
 		j.w.do(lo, hi, scratch)
 	}
+}
+
+// helpOnce runs a helper's share of j. A panic is handed to the caller of
+// Run (where the server's per-request recovery sees it) instead of killing
+// the process from a goroutine nothing can recover.
+func (j *parJob) helpOnce(scratch *[]float32) {
+	defer func() {
+		if p := recover(); p != nil {
+			j.mu.Lock()
+			j.panic = p
+			j.mu.Unlock()
+		}
+		j.wg.Done()
+	}()
+	j.work(scratch)
 }
 
 // Pool is a fixed set of helper goroutines shared by all sessions. The
@@ -51,8 +68,7 @@ func NewPool(threads int) *Pool {
 		go func() {
 			var scratch []float32
 			for j := range p.ch {
-				j.work(&scratch)
-				j.wg.Done()
+				j.helpOnce(&scratch)
 			}
 		}()
 	}
@@ -65,7 +81,7 @@ func (p *Pool) Run(j *parJob, w chunkWorker, n, chunk int, scratch *[]float32) {
 	if chunk < 1 {
 		chunk = 1
 	}
-	j.w, j.n, j.chunk = w, n, chunk
+	j.w, j.n, j.chunk, j.panic = w, n, chunk, nil
 	atomic.StoreInt64(&j.next, 0)
 	helpers := (n+chunk-1)/chunk - 1
 	if helpers > p.threads-1 {
@@ -77,9 +93,20 @@ func (p *Pool) Run(j *parJob, w chunkWorker, n, chunk int, scratch *[]float32) {
 			p.ch <- j
 		}
 	}
-	j.work(scratch)
-	if helpers > 0 {
-		j.wg.Wait()
-	}
+	func() {
+		// Wait for the helpers even when the caller's share panics, so
+		// none is still using j when it is reused.
+		defer func() {
+			if helpers > 0 {
+				j.wg.Wait()
+			}
+		}()
+		j.work(scratch)
+	}()
 	j.w = nil
+	if j.panic != nil {
+		p := j.panic
+		j.panic = nil
+		panic(p)
+	}
 }

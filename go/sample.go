@@ -13,6 +13,8 @@ type SamplerConfig struct {
 	MinP       float32
 	RepPenalty float32
 	RepWindow  int
+	Presence   float32 // OpenAI's presence_penalty: subtracted once from every seen token
+	Frequency  float32 // OpenAI's frequency_penalty: subtracted per occurrence
 	Seed       int64
 }
 
@@ -25,10 +27,11 @@ type Sampler struct {
 	keep  []int32
 	probs []float64
 	seen  map[int32]bool
+	count map[int32]int
 }
 
 func NewSampler(cfg SamplerConfig) *Sampler {
-	return &Sampler{cfg: cfg, rng: rand.New(rand.NewSource(cfg.Seed)), seen: map[int32]bool{}}
+	return &Sampler{cfg: cfg, rng: rand.New(rand.NewSource(cfg.Seed)), seen: map[int32]bool{}, count: map[int32]int{}}
 }
 
 // Sample picks the next token from logits[:nValid] (modified in place by the
@@ -54,6 +57,23 @@ func (s *Sampler) Sample(logits []float32, nValid int, history []int32) int32 {
 			} else {
 				l[id] *= c.RepPenalty
 			}
+		}
+	}
+	if c.Presence != 0 || c.Frequency != 0 {
+		start := 0
+		if c.RepWindow > 0 && len(history) > c.RepWindow {
+			start = len(history) - c.RepWindow
+		}
+		for k := range s.count {
+			delete(s.count, k)
+		}
+		for _, id := range history[start:] {
+			if id >= 0 && int(id) < nValid {
+				s.count[id]++
+			}
+		}
+		for id, n := range s.count {
+			l[id] -= c.Presence + c.Frequency*float32(n)
 		}
 	}
 	if c.Temp <= 0 || c.TopK == 1 {
