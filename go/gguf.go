@@ -388,7 +388,7 @@ func parseGGUF(data []byte) (*GGUFFile, error) {
 	// tensor info at least 32, so larger counts cannot be real. The maps
 	// grow as entries are read, never pre-sized from the header's counts.
 	if nKV > uint64(len(data))/13 || nTensors > uint64(len(data))/32 {
-		return nil, fmt.Errorf("corrupt GGUF header (%d tensors, %d metadata keys in a %d-byte file)", nTensors, nKV, len(data))
+		return nil, fmt.Errorf("truncated or corrupt GGUF header (%d tensors and %d metadata keys cannot fit in a %d-byte file)", nTensors, nKV, len(data))
 	}
 	g := &GGUFFile{
 		Version:   version,

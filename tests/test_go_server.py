@@ -1,0 +1,262 @@
+"""The Go engine's server as real clients use it: the official `openai` Python
+package (chat and completions, streamed and not, stop sequences, logprobs, the
+API key), the bounded queue, cancellation on disconnect, graceful SIGTERM, and
+the chat page driven in headless Chromium. Servers bind to 127.0.0.1 only."""
+from __future__ import annotations
+
+import http.client
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+try:
+    import openai
+    from selenium import webdriver
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+except ImportError as e:  # no silent skipping: name the setup command
+    raise ImportError(f"{e.name} is missing: run `bash scripts/setup.sh test`") from None
+
+sys.path.insert(0, str(Path(__file__).parent))
+import go_fixtures as F  # noqa: E402
+
+GO_DIR = Path(__file__).resolve().parents[1] / "go"
+KEY = "test-key-123"
+
+
+def go_bin() -> str:
+    go = shutil.which("go")
+    assert go, "the Go toolchain is required: run `bash scripts/setup.sh test`"
+    return go
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("gobin") / "nanollama"
+    subprocess.run([go_bin(), "build", "-o", str(out), "."], cwd=GO_DIR, check=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("goserver")
+    vocab = F.sp_vocab(F.train_sp(work / "sp"))
+    params = F.random_params(vocab=len(vocab[0]), dim=64, n_layer=1, n_head=4, n_kv=2, head_dim=16,
+                             ffn=128, seed=3)
+    return F.write_model(work / "tiny.gguf", params, vocab)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, engine: Path, model: Path, *args: str):
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [str(engine), "--model", str(model), "--serve", "--host", "127.0.0.1", "--port", str(self.port),
+             "--threads", "1", "--temp", "0", "--rep-penalty", "1", *args],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        for _ in range(100):  # up to ~10 s
+            if self.proc.poll() is not None:
+                raise AssertionError("server exited: " + self.proc.stderr.read().decode())
+            try:
+                if self.request("GET", "/health")[0] == 200:
+                    return
+            except OSError:
+                time.sleep(0.1)
+        self.close()
+        raise AssertionError("server did not come up")
+
+    def request(self, method, path, body=None, headers=None, timeout=30):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            conn.request(method, path, body=json.dumps(body) if body is not None else None,
+                         headers={"Content-Type": "application/json", **(headers or {})})
+            r = conn.getresponse()
+            return r.status, dict(r.getheaders()), r.read()
+        finally:
+            conn.close()
+
+    def open_stream(self, body, headers=None):
+        """Starts a streamed request and returns the connection once the first
+        token has arrived (so the request holds its session)."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        conn.request("POST", "/v1/completions", body=json.dumps({**body, "stream": True}),
+                     headers={"Content-Type": "application/json", **(headers or {})})
+        r = conn.getresponse()
+        assert r.status == 200
+        assert r.read1(65536).startswith(b"data: ")
+        return conn, r
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(engine, model):
+    s = Server(engine, model, "--api-key", KEY, "--parallel", "2")
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def test_openai_completions_stream_equals_whole(client):
+    whole = client.completions.create(model="tiny", prompt="The quick brown fox", max_tokens=20)
+    text = whole.choices[0].text
+    assert text and whole.usage.completion_tokens > 1 and whole.choices[0].finish_reason in ("stop", "length")
+    pieces = [c.choices[0].text for c in client.completions.create(
+        model="tiny", prompt="The quick brown fox", max_tokens=20, stream=True) if c.choices]
+    assert len([p for p in pieces if p]) > 1 and "".join(pieces) == text
+
+
+def test_openai_chat_stream_equals_whole_and_usage(client):
+    msgs = [{"role": "user", "content": "Hello there, model!"}]
+    whole = client.chat.completions.create(model="tiny", messages=msgs, max_completion_tokens=16)
+    content = whole.choices[0].message.content
+    assert content and whole.choices[0].message.role == "assistant"
+    chunks = list(client.chat.completions.create(model="tiny", messages=msgs, max_completion_tokens=16,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == content
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_openai_stop_sequences(client):
+    text = client.completions.create(model="tiny", prompt="The model", max_tokens=30).choices[0].text
+    # Two stop strings, one of them from the middle of the greedy text.
+    mid = len(text) // 2
+    stop = text[mid:mid + 3]
+    assert len(stop) == 3, text
+    want = text[:text.index(stop)]
+    r = client.completions.create(model="tiny", prompt="The model", max_tokens=30, stop=["\x00never", stop])
+    assert r.choices[0].text == want and r.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="tiny", prompt="The model", max_tokens=30, stop=stop, stream=True) if c.choices)
+    assert streamed == want
+
+
+def test_openai_logprobs_and_errors(client, server):
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
+                                       max_tokens=4, logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    for t in content:  # greedy: the chosen token is the most likely one
+        assert len(t.top_logprobs) == 3 and t.logprob <= 0
+        assert t.top_logprobs[0].logprob == pytest.approx(t.logprob)
+    with pytest.raises(openai.BadRequestError, match="n must be 1"):
+        client.completions.create(model="tiny", prompt="x", n=2)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="wrong", max_retries=0).models.list()
+    assert [m.id for m in client.models.list()] == ["tiny"]
+
+
+def test_metrics_tokenize_detokenize(server):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    status, _, body = server.request("POST", "/tokenize", {"content": "the quick fox"}, auth)
+    ids = json.loads(body)["tokens"]
+    assert status == 200 and ids[0] == 1 and len(ids) > 2
+    status, _, body = server.request("POST", "/detokenize", {"tokens": ids[1:]}, auth)
+    assert status == 200 and json.loads(body)["content"].strip() == "the quick fox"
+    status, _, body = server.request("GET", "/metrics", headers=auth)
+    metrics = dict(line.rsplit(" ", 1) for line in body.decode().splitlines() if not line.startswith("#"))
+    assert status == 200 and float(metrics["nanollama_generated_tokens_total"]) > 0
+
+
+def test_queue_full_503_and_disconnect_frees_the_session(engine, model):
+    s = Server(engine, model, "--parallel", "1", "--queue", "0", "--ignore-eos")
+    try:
+        conn, _ = s.open_stream({"prompt": "A long story", "max_tokens": 400})
+        status, headers, body = s.request("POST", "/v1/completions", {"prompt": "x", "max_tokens": 2})
+        assert status == 503 and headers.get("Retry-After") and b"busy" in body
+        conn.close()  # the client goes away mid-generation: its session comes free
+        for _ in range(100):
+            status, _, _ = s.request("POST", "/v1/completions", {"prompt": "x", "max_tokens": 2})
+            if status == 200:
+                break
+            time.sleep(0.05)
+        assert status == 200
+    finally:
+        s.close()
+
+
+def test_sigterm_finishes_running_requests(engine, model):
+    s = Server(engine, model, "--parallel", "1", "--ignore-eos")
+    try:
+        conn, r = s.open_stream({"prompt": "A long story", "max_tokens": 300})
+        s.proc.send_signal(signal.SIGTERM)
+        rest = r.read().decode()
+        assert rest.rstrip().endswith("data: [DONE]") and '"finish_reason":"length"' in rest
+        assert s.proc.wait(timeout=30) == 0
+    finally:
+        s.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    chromium = shutil.which("chromium")
+    driver = shutil.which("chromedriver")
+    assert chromium and driver, "chromium and chromedriver are missing: run `bash scripts/setup.sh test`"
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        opts.add_argument(a)
+    b = webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver), options=opts)
+    yield b
+    b.quit()
+
+
+@pytest.fixture(scope="module")
+def slow_model(tmp_path_factory) -> Path:
+    """Big enough that a 2000-token reply takes seconds: time to press Stop."""
+    work = tmp_path_factory.mktemp("goserver_slow")
+    vocab = F.sp_vocab(F.train_sp(work / "sp"))
+    params = F.random_params(vocab=len(vocab[0]), dim=256, n_layer=4, n_head=4, n_kv=2, head_dim=64,
+                             ffn=1024, seed=4)
+    return F.write_model(work / "tiny.gguf", params, vocab, ctx=2048)
+
+
+def test_chat_page_in_chromium(engine, slow_model, browser):
+    s = Server(engine, slow_model, "--parallel", "1", "--ignore-eos", "--ctx", "2048")
+    try:
+        browser.get(f"http://127.0.0.1:{s.port}/")
+        wait = WebDriverWait(browser, 30, poll_frequency=0.05)
+        wait.until(lambda b: b.find_element(By.ID, "model").text == "tiny")
+        assert "{{" not in browser.page_source
+        # A short reply completes and reports its speed.
+        maxt = browser.find_element(By.ID, "maxt")
+        maxt.clear()
+        maxt.send_keys("12")
+        browser.find_element(By.ID, "q").send_keys("Hello there", Keys.ENTER)
+        wait.until(lambda b: "tok/s" in b.find_element(By.ID, "stats").text)
+        replies = browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")
+        assert browser.find_element(By.CSS_SELECTOR, ".msg.user").text == "Hello there"
+        assert len(replies) == 1 and replies[0].text.strip()
+        # A long reply streams in (its text grows) until Stop ends it.
+        maxt.clear()
+        maxt.send_keys("2000")
+        browser.find_element(By.ID, "q").send_keys("Tell me more", Keys.ENTER)
+        reply = lambda b: b.find_elements(By.CSS_SELECTOR, ".msg.assistant")[-1].text  # noqa: E731
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".msg.assistant")) == 2 and len(reply(b)) > 0)
+        first = len(reply(browser))
+        wait.until(lambda b: len(reply(b)) > first)
+        browser.find_element(By.ID, "stop").click()
+        wait.until(lambda b: reply(b).endswith("[stopped]"))
+        assert browser.find_element(By.ID, "stop").get_attribute("disabled")
+    finally:
+        s.close()
