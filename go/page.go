@@ -10,7 +10,7 @@ body{font-family:system-ui,sans-serif;max-width:760px;margin:0 auto;padding:1rem
 h1{font-size:1.2rem} #log{display:flex;flex-direction:column;gap:.6rem;margin-bottom:1rem}
 .msg{padding:.6rem .8rem;border-radius:.6rem;white-space:pre-wrap;line-height:1.4}
 .user{background:#dbeafe;align-self:flex-end;max-width:85%} .assistant{background:#fff;border:1px solid #ddd;max-width:85%}
-form{display:flex;gap:.5rem} textarea{flex:1;font:inherit;padding:.5rem;min-height:3rem}
+form{display:flex;gap:.5rem;position:sticky;bottom:0;background:#fafafa;padding:.5rem 0} textarea{flex:1;font:inherit;padding:.5rem;min-height:3rem}
 button{font:inherit;padding:.5rem 1rem} .opts{font-size:.85rem;color:#555;margin:.5rem 0}
 .opts input{width:4rem} #stats{font-size:.8rem;color:#777}
 </style></head><body>

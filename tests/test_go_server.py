@@ -178,19 +178,36 @@ def test_metrics_tokenize_detokenize(server):
     assert status == 200 and float(metrics["nanollama_generated_tokens_total"]) > 0
 
 
-def test_queue_full_503_and_disconnect_frees_the_session(engine, model):
-    s = Server(engine, model, "--parallel", "1", "--queue", "0", "--ignore-eos")
+@pytest.fixture(scope="module")
+def slow_model(tmp_path_factory) -> Path:
+    """Big enough that a 2000-token reply takes seconds: time to press Stop."""
+    work = tmp_path_factory.mktemp("goserver_slow")
+    vocab = F.sp_vocab(F.train_sp(work / "sp"))
+    params = F.random_params(vocab=len(vocab[0]), dim=256, n_layer=4, n_head=4, n_kv=2, head_dim=64,
+                             ffn=1024, seed=4)
+    return F.write_model(work / "tiny.gguf", params, vocab, ctx=2048)
+
+
+def test_queue_full_503_and_disconnect_frees_the_session(engine, slow_model):
+    s = Server(engine, slow_model, "--parallel", "1", "--queue", "0", "--ignore-eos", "--ctx", "2048")
     try:
-        conn, _ = s.open_stream({"prompt": "A long story", "max_tokens": 400})
+        t0 = time.monotonic()
+        conn, r = s.open_stream({"prompt": "A long story", "max_tokens": 2000})
+        r.read1(65536)
+        first = time.monotonic() - t0  # prefill and a token or two
         status, headers, body = s.request("POST", "/v1/completions", {"prompt": "x", "max_tokens": 2})
         assert status == 503 and headers.get("Retry-After") and b"busy" in body
         conn.close()  # the client goes away mid-generation: its session comes free
-        for _ in range(100):
+        t1 = time.monotonic()
+        while True:
             status, _, _ = s.request("POST", "/v1/completions", {"prompt": "x", "max_tokens": 2})
-            if status == 200:
+            if status == 200 or time.monotonic() - t1 > 60:
                 break
             time.sleep(0.05)
+        freed = time.monotonic() - t1
         assert status == 200
+        # 2000 tokens take hundreds of first-token times; freeing took a few.
+        assert freed < 20 * first + 1, (freed, first)
     finally:
         s.close()
 
@@ -219,16 +236,6 @@ def browser():
     b = webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver), options=opts)
     yield b
     b.quit()
-
-
-@pytest.fixture(scope="module")
-def slow_model(tmp_path_factory) -> Path:
-    """Big enough that a 2000-token reply takes seconds: time to press Stop."""
-    work = tmp_path_factory.mktemp("goserver_slow")
-    vocab = F.sp_vocab(F.train_sp(work / "sp"))
-    params = F.random_params(vocab=len(vocab[0]), dim=256, n_layer=4, n_head=4, n_kv=2, head_dim=64,
-                             ffn=1024, seed=4)
-    return F.write_model(work / "tiny.gguf", params, vocab, ctx=2048)
 
 
 def test_chat_page_in_chromium(engine, slow_model, browser):
