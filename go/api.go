@@ -282,7 +282,11 @@ func (s *Server) handleCompletion(w http.ResponseWriter, r *http.Request, chat b
 		writeError(w, http.StatusServiceUnavailable, "server busy: all sessions are generating and the queue is full; retry shortly")
 		return
 	} else if err != nil {
-		return // the client went away or the wait timed out
+		if r.Context().Err() == nil { // our deadline, not the client leaving
+			w.Header().Set("Retry-After", "1")
+			writeError(w, http.StatusServiceUnavailable, "timed out waiting for a free session; retry shortly")
+		}
+		return
 	}
 	atomic.AddInt64(&s.metrics.requests, 1)
 	headerSent := false
@@ -320,6 +324,10 @@ func (s *Server) handleCompletion(w http.ResponseWriter, r *http.Request, chat b
 			return
 		}
 		if st.StopReason == "cancelled" {
+			if r.Context().Err() == nil {
+				headerSent = true
+				writeError(w, http.StatusGatewayTimeout, fmt.Sprintf("generation exceeded the server's --timeout of %v", s.timeout))
+			}
 			return
 		}
 		s.metrics.add(st)
@@ -336,7 +344,11 @@ func (s *Server) handleCompletion(w http.ResponseWriter, r *http.Request, chat b
 	if err != nil {
 		atomic.AddInt64(&s.metrics.failed, 1)
 		rs.send(map[string]interface{}{"error": map[string]string{"message": err.Error()}})
-	} else if st.StopReason != "cancelled" {
+	} else if st.StopReason == "cancelled" {
+		if r.Context().Err() == nil {
+			rs.send(map[string]interface{}{"error": map[string]string{"message": fmt.Sprintf("generation exceeded the server's --timeout of %v", s.timeout)}})
+		}
+	} else {
 		s.metrics.add(st)
 		last := rs.choice("", st.StopReason, true, nil, false)
 		if chat {

@@ -194,3 +194,21 @@ func TestGenerateCancelled(t *testing.T) {
 		t.Fatalf("cancelled: %v %s pos %d", err, st.StopReason, s.Pos)
 	}
 }
+
+// OpenAI's penalties: presence subtracts once per seen token, frequency
+// once per occurrence, within the penalty window.
+func TestPresenceFrequencyPenalties(t *testing.T) {
+	logits := func() []float32 { return []float32{3, 2.5, 2, 0} }
+	hist := []int32{0, 0, 0, 1}
+	if id := NewSampler(SamplerConfig{Temp: 0, Presence: 1.2}).Sample(logits(), 4, hist); id != 2 {
+		t.Errorf("presence 1.2: picked %d, want 2 (1.8, 1.3, 2)", id)
+	}
+	if id := NewSampler(SamplerConfig{Temp: 0, Frequency: 0.3}).Sample(logits(), 4, hist); id != 1 {
+		t.Errorf("frequency 0.3: picked %d, want 1 (2.1, 2.2, 2)", id)
+	}
+	l := logits()
+	NewSampler(SamplerConfig{Temp: 0, Presence: 0.5, Frequency: 0.25, RepWindow: 2}).Sample(l, 4, hist)
+	if l[0] != 3-0.5-0.25 || l[1] != 2.5-0.5-0.25 || l[2] != 2 {
+		t.Errorf("window of 2 penalised logits to %v", l)
+	}
+}

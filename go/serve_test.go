@@ -218,3 +218,14 @@ func TestServerStreamStopAndUsage(t *testing.T) {
 }
 
 func isLetter(c byte) bool { return c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' }
+
+// A request that outlives --timeout gets 504, not silence.
+func TestServerTimeout(t *testing.T) {
+	m := tinyModel(t, TypeF32)
+	s := testServer(t, m, 1, 1)
+	s.timeout = time.Nanosecond
+	resp, body := do(t, s.routes(), "POST", "/v1/completions", `{"prompt": "the a", "max_tokens": 20}`)
+	if (resp.StatusCode != 504 && resp.StatusCode != 503) || !strings.Contains(body, "timed out") && !strings.Contains(body, "--timeout") {
+		t.Fatalf("timeout: %d %s", resp.StatusCode, body)
+	}
+}
