@@ -115,7 +115,11 @@ func GenerateWith(s *Session, tok *Tokenizer, prompt []int32, o GenOptions, emit
 		nValid = s.m.Cfg.Vocab
 	}
 	// seq is what the penalties look back over: the prompt and the output.
-	seq := make([]int32, len(prompt), len(prompt)+o.MaxTokens)
+	room := s.Ctx + 1 // generation ends at the context's end, whatever MaxTokens says
+	if o.MaxTokens < room-len(prompt) {
+		room = len(prompt) + o.MaxTokens
+	}
+	seq := make([]int32, len(prompt), room)
 	copy(seq, prompt)
 	var held strings.Builder // decoded text not yet released
 	var heldLP []TokenLogprob
