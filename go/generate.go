@@ -87,6 +87,9 @@ func GenerateWith(s *Session, tok *Tokenizer, prompt []int32, o GenOptions, emit
 	if len(prompt) >= s.Ctx {
 		return st, fmt.Errorf("prompt of %d tokens does not fit the context of %d", len(prompt), s.Ctx)
 	}
+	if o.MaxTokens < 0 {
+		return st, fmt.Errorf("max tokens %d is negative", o.MaxTokens)
+	}
 	canceled := func() bool { return o.Ctx != nil && o.Ctx.Err() != nil }
 	common := s.SharedPrefix(prompt)
 	s.Truncate(common)
