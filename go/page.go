@@ -21,7 +21,6 @@ button{font:inherit;padding:.5rem 1rem} .opts{font-size:.85rem;color:#555;margin
 <button type="button" id="clear">Clear</button></div>
 <div id="stats"></div>
 <script>
-fetch('/v1/models').then(r => r.json()).then(j => { const m = j.data[0].id; document.getElementById('model').textContent = m; document.title = 'nanollama · ' + m; });
 const log = document.getElementById('log'), q = document.getElementById('q'), stats = document.getElementById('stats');
 let messages = [];
 function add(role, text) { const d = document.createElement('div'); d.className = 'msg ' + role; d.textContent = text; log.appendChild(d); d.scrollIntoView(); return d; }
@@ -30,6 +29,7 @@ q.addEventListener('keydown', e => { if (e.key === 'Enter' && !e.shiftKey) { e.p
 const stopBtn = document.getElementById('stop');
 // With --api-key the page asks for the key once and keeps it in this browser.
 const authHeaders = () => localStorage.apiKey ? {'Authorization': 'Bearer ' + localStorage.apiKey} : {};
+fetch('/v1/models', {headers: authHeaders()}).then(r => r.json()).then(j => { const m = j.data[0].id; document.getElementById('model').textContent = m; document.title = 'nanollama · ' + m; }).catch(() => {});
 document.getElementById('f').onsubmit = async e => {
   e.preventDefault();
   const text = q.value.trim(); if (!text) return;
