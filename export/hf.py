@@ -8,7 +8,6 @@ HF's Llama uses the same half-split RoPE as we do, so weights move without any p
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -142,10 +141,9 @@ def load_hf(model_dir: str | Path) -> tuple[LlamaConfig, Params]:
 
 def main(argv=None):
     from nanollama_jax import checkpoint
-    from nanollama_jax.cli import run_cli
+    from nanollama_jax.cli import ArgumentParser, run_cli
 
-    p = argparse.ArgumentParser(
-        prog="python -m export.hf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m export.hf", description=__doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a run folder (latest step) or one of its step folders, to export")
     src.add_argument("--from-hf", help="a Hugging Face LlamaForCausalLM folder, to import as a run")
@@ -166,7 +164,7 @@ def main(argv=None):
             checkpoint.write_params_run(args.output, config, params, tok)
             print(f"wrote run {args.output} ({config.param_count():,} parameters)")
 
-    run_cli(run)
+    run_cli(p.prog, run)
 
 
 if __name__ == "__main__":

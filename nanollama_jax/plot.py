@@ -4,7 +4,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -48,14 +47,13 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
 
 
 def main(argv=None):
-    from .cli import run_cli
+    from .cli import ArgumentParser, run_cli
 
-    p = argparse.ArgumentParser(prog="python -m nanollama_jax.plot", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m nanollama_jax.plot", description=__doc__)
     p.add_argument("run", help="run folder")
     p.add_argument("--output", help="PNG path (default RUN/curves.png)")
     args = p.parse_args(argv)
-    run_cli(lambda: print(f"wrote {plot_run(args.run, args.output)}"))
+    run_cli(p.prog, lambda: print(f"wrote {plot_run(args.run, args.output)}"))
 
 
 if __name__ == "__main__":
