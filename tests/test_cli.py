@@ -34,6 +34,9 @@ def files(tmp_path):
     (tmp_path / "not.gguf").write_bytes(b"GGUF but not really")
     (tmp_path / "corrupt.npz").write_bytes(b"PK not a zip")
     (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "badrun").mkdir()
+    (tmp_path / "badrun" / "config.json").write_text("{bad")
+    (tmp_path / "badrun" / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "lo\n')
     np.save(tmp_path / "ids.npy", np.arange(4))
     return tmp_path
 
@@ -55,6 +58,7 @@ CASES = [
     ("nanollama_jax.generate", ["--checkpoint", "{t}/norun", "--tokens", "{t}/ids.npy"], USAGE, None,
      "--dump-logits"),
     ("nanollama_jax.plot", ["{t}/empty"], FAILURE, "{t}/empty/metrics.jsonl", "no metrics"),
+    ("nanollama_jax.plot", ["{t}/badrun"], FAILURE, "{t}/badrun/metrics.jsonl:2", "not a JSON line"),
     ("nanollama_jax.gamma", ["extract", "--personality", "{t}/p", "--base", "{t}/b", "-o", "{t}/g.npz"], FAILURE,
      "{t}/p", "no such run"),
     ("nanollama_jax.gamma", ["inject", "--base", "{t}/b", "--gamma", "{t}/corrupt.npz", "-o", "{t}/out"], FAILURE,
@@ -65,6 +69,8 @@ CASES = [
     ("nanollama_jax.gamma", ["compress", "{t}/g.npz"], USAGE, None, "-o/--output"),
     ("nanollama_jax.gamma", [], USAGE, None, "COMMAND"),
     ("export.gguf", ["--checkpoint", "{t}/norun", "--output", "{t}/m.gguf"], FAILURE, "{t}/norun", "no such run"),
+    ("export.gguf", ["--checkpoint", "{t}/badrun", "--output", "{t}/m.gguf"], FAILURE, "{t}/badrun/config.json",
+     "unreadable run config"),
     ("export.gguf", ["--checkpoint", "{t}/norun", "--output", "{t}/m.gguf", "--dtype", "q9"], USAGE, None,
      "invalid choice"),
     ("export.gguf_read", ["{t}/not.gguf", "--output", "{t}/out"], FAILURE, "{t}/not.gguf", "not a readable GGUF"),
