@@ -11,7 +11,7 @@ gamma = θ_personality − θ_base over the whole param pytree; inject gives θ 
 A gamma is held as a flat state dict in nanollama's names and torch's [out, in] orientation
 (`nanollama_jax.statedict`), so it is the same object in every file format:
 
-* our `.npz` (written by this module): key `__gamma__` holds JSON metadata (format, kind
+* our `.npz` (written by `nanollama_jax.gamma`): key `__gamma__` holds JSON metadata (format, kind
   dense|lowrank|sparse|mixed, rank, density, the model config, the tokenizer's sha256, the base
   params' fingerprint, provenance, a fidelity report when compressed); then per tensor K either
   `K` (dense float32), `K.lora_b` [out, r] + `K.lora_a` [r, in] (low rank: K = lora_b @ lora_a),
@@ -41,7 +41,7 @@ the density. `--layers/--head/--embedding SPEC` override a group (`rank:R`, `ene
 (the norms) are tiny and always kept dense float32. With --base, --data (personality
 data with a val split) and --personality (or a dense input gamma), the fidelity report measures
 the share of the personality effect kept: (loss_base − loss_compressed) / (loss_base −
-loss_personality) on the personality validation text.
+loss_personality) on the personality validation text, in training's own next-token loss.
 """
 from __future__ import annotations
 
