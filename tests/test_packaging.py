@@ -36,6 +36,19 @@ def test_wheel_installs_only_the_pipeline_packages(wheel):
     assert "configs/nano.json" in wheel.namelist() and "nanollama_jax/gamma/__main__.py" in wheel.namelist()
 
 
+def test_the_installed_packages_work_from_anywhere(wheel, tmp_path):
+    """Unpacked as pip installs it (a pure wheel) and imported from another folder: the guard passes,
+    the named sizes load from the installed `configs`."""
+    site = tmp_path / "site"
+    wheel.extractall(site)
+    code = ("import nanollama_jax.gamma, data.prepare, export.gguf, export.hf; "
+            "from nanollama_jax.config import load_size; print(load_size('nano')[0].n_layer, data.__file__)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                       env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["12", str(site / "data" / "__init__.py")]
+
+
 def test_console_commands_run_their_main(wheel, capsys):
     (ep_file,) = [n for n in wheel.namelist() if n.endswith(".dist-info/entry_points.txt")]
     eps = configparser.ConfigParser()
