@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from nanollama_jax.config import LlamaConfig
 from nanollama_jax.model import cross_entropy, forward, param_shapes
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path("benchmarks") / "results"  # under the working directory, never beside an installed file
 
 
 def compile_seconds(n_layer: int, repeats: int = 3) -> float:
@@ -41,7 +41,7 @@ def main():
     ratio = rows[32] / rows[4]
     result = {"seconds": {str(k): v for k, v in rows.items()}, "ratio_32_over_4": ratio, "bar": 1.5,
               "backend": jax.default_backend()}
-    RESULTS.mkdir(exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "compile_time.json").write_text(json.dumps(result, indent=2) + "\n")
     (RESULTS / "compile_time.md").write_text(
         "# Compile time of forward+backward vs depth (CPU, d 256, seq 128, batch 8; best of 3)\n\n"

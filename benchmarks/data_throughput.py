@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+RESULTS = pathlib.Path("benchmarks") / "results"  # under the working directory, never beside an installed file
 
 
 def bench_prepare_builtin(home: pathlib.Path) -> dict:

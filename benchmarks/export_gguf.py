@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path("benchmarks") / "results"  # under the working directory, never beside an installed file
 ALL_DTYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
 
 _WRAPPER = """
@@ -156,7 +156,7 @@ def main(argv=None):
     }
     if args.no_write:
         return
-    RESULTS.mkdir(exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "export_gguf.json").write_text(json.dumps(result, indent=2) + "\n")
     m = result["model"]
     lines = [

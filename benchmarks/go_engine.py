@@ -91,7 +91,7 @@ def main(argv=None):
     ap.add_argument("--prompt", type=int, default=128, help="prompt tokens (prefill)")
     ap.add_argument("--gen", type=int, default=128, help="generated tokens (decode)")
     ap.add_argument("--repeats", type=int, default=2, help="best of N runs per engine")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks") / "results")  # under the working directory
     args = ap.parse_args(argv)
     start_load = list(os.getloadavg())
 

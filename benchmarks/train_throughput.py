@@ -26,7 +26,7 @@ from nanollama_jax.config import LlamaConfig, load_size
 from nanollama_jax.model import init_params
 from nanollama_jax.train import Plan, cpu_gemm_flops, make_train_step
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path("benchmarks") / "results"  # under the working directory, never beside an installed file
 THREADS = os.cpu_count() or 1
 
 
@@ -143,7 +143,7 @@ def main(argv=None):
                              "ratio_jax_muon_to_torch_adamw": speed["jax_muon"]["tokens_per_sec"]
                              / speed["torch_adamw"]["tokens_per_sec"]},
               "loss_curves": {"shape": "tiny (4 x 256, vocab 4096), seq 128, batch 8", **curves}}
-    RESULTS.mkdir(exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "train_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
     md = ["# Training throughput: JAX vs transformers + AdamW (CPU, fp32)", "",
           f"{os.cpu_count()} CPUs, {THREADS} threads, measured fp32 GEMM peak {gemm / 1e9:.0f} GFLOP/s; "

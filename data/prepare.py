@@ -31,6 +31,8 @@ from typing import Callable
 
 import numpy as np
 
+from nanollama_jax.cli import ArgumentParser, Progress, run_cli
+
 from . import tokenizer as tok
 from .format import (BOS_ID, DEFAULT_SHARD_SIZE, FORMAT_NAME, FORMAT_VERSION, DataError, dtype_for_vocab,
                      dtype_name, load_meta, sha256_bytes, sha256_file, write_json_atomic)
@@ -214,40 +216,6 @@ def _ordered_map(fn, items, workers: int, model: bytes):
             yield pending.popleft().get()
 
 
-class _Progress:
-    """A tqdm bar with ETA on a terminal; without one (logs, CI), a line every 30 seconds."""
-
-    def __init__(self, total, unit, desc, enabled, log=print, every=30.0):
-        self.bar = None
-        self.total, self.unit, self.log, self.every = total, unit, log, every
-        self.done, self.t0 = 0, time.time()
-        self.next_line = self.t0 + every
-        self.lines = enabled and not sys.stderr.isatty()
-        if enabled and not self.lines:
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, unit=unit, unit_scale=True, desc=desc, dynamic_ncols=True, file=sys.stderr)
-
-    def update(self, n):
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-        elif self.lines and time.time() >= self.next_line:
-            self.next_line = time.time() + self.every
-            elapsed = time.time() - self.t0
-            what = "tokens" if self.unit == "tok" else "MB"
-            scale = 1 if self.unit == "tok" else 1e6
-            msg = f"  {self.done / scale:,.1f} {what}"
-            if self.total:
-                frac = min(1.0, self.done / self.total)
-                eta = elapsed * (1 - frac) / max(frac, 1e-9)
-                msg += f" of {self.total / scale:,.1f} ({frac:.0%}), about {eta / 60:.1f} min left"
-            self.log(msg)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
 def _build(staging: pathlib.Path, mix: Mixture, *, vocab_size, tokenizer_file, val_fraction, shard_size,
            workers, max_tokens, force_dtype, progress, log, fingerprint, described, tokenizer_chars,
            extra_meta=None, auto_workers=False) -> dict:
@@ -308,9 +276,10 @@ def _build(staging: pathlib.Path, mix: Mixture, *, vocab_size, tokenizer_file, v
                  "bytes": np.zeros(nsrc, np.int64)} for s in ("train", "val")}
     totals = [s.total_bytes() for s in mix.sources]
     if max_tokens:
-        bar = _Progress(max_tokens, "tok", "tokenizing", progress, log)
+        bar = Progress(max_tokens, desc="tokenizing", unit="tok", enabled=progress, log=log)
     else:
-        bar = _Progress(sum(totals) if None not in totals else None, "B", "tokenizing", progress, log)
+        bar = Progress(sum(totals) if None not in totals else None, desc="tokenizing", unit="B", enabled=progress,
+                       log=log)
     known = None if None in totals else sum(totals)
     if auto_workers and workers > 1 and known is not None and known < SMALL_CORPUS_BYTES:
         workers = 1  # start-up would cost more than it saves
@@ -561,8 +530,8 @@ def _parse_count(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     preset_help = "; ".join(f"{k}: {v['about']}" for k, v in PRESETS.items() if k not in ("medium", "large"))
-    p = argparse.ArgumentParser(
-        prog="python -m data.prepare", formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = ArgumentParser(
+        prog="python -m data.prepare",
         description="Turn raw text into a SentencePiece tokenizer and token shards "
                     "(DIR/tokenizer.model, DIR/train/, DIR/val/, DIR/meta.json).",
         epilog=EXAMPLES)
@@ -590,25 +559,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv=None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
     builtin = not (args.input or args.hf or args.preset)
     val_fraction = args.val_fraction
     if val_fraction is None:
         val_fraction = BUILTIN_VAL_FRACTION if builtin else DEFAULT_VAL_FRACTION
-    try:
-        prepare(args.output, inputs=args.input, hf=args.hf, preset=args.preset, text_field=args.text_field,
-                vocab_size=args.vocab_size, tokenizer_file=args.tokenizer, val_fraction=val_fraction,
-                shard_size=args.shard_size, workers=args.workers, max_tokens=args.max_tokens,
-                force=args.force, progress=not args.quiet)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"interrupted; {args.output} left as it was", file=sys.stderr)
-        return 130
-    return 0
+    run_cli(parser.prog, lambda: prepare(
+        args.output, inputs=args.input, hf=args.hf, preset=args.preset, text_field=args.text_field,
+        vocab_size=args.vocab_size, tokenizer_file=args.tokenizer, val_fraction=val_fraction,
+        shard_size=args.shard_size, workers=args.workers, max_tokens=args.max_tokens, force=args.force,
+        progress=not args.quiet), interrupted=f"interrupted; {args.output} left as it was")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -19,11 +19,11 @@ base folder's, its sha256 recorded and checked. Training mixes it in with
 
 from __future__ import annotations
 
-import argparse
 import pathlib
-import sys
 from dataclasses import dataclass, field
 from typing import Iterator
+
+from nanollama_jax.cli import ArgumentParser, run_cli
 
 from .format import DataError, load_meta, sha256_file
 from .prepare import DEFAULT_SHARD_SIZE, prepare
@@ -128,9 +128,9 @@ then train with: python -m nanollama_jax.train --data data/base --personality-di
 """
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m data.prepare_personality", formatter_class=argparse.RawDescriptionHelpFormatter,
+def main(argv=None) -> None:
+    p = ArgumentParser(
+        prog="python -m data.prepare_personality",
         description="Tokenize personality data (JSONL: messages, instruction/response, user/assistant, text; "
                     "or plain text split on blank-line triples) with the base data's tokenizer.",
         epilog=EXAMPLES)
@@ -144,18 +144,11 @@ def main(argv=None) -> int:
     p.add_argument("--force", action="store_true", help="rebuild even if up to date")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    try:
-        prepare_personality(args.input, args.tokenizer_dir, args.output, tokenizer_file=args.tokenizer,
-                            val_fraction=args.val_fraction, workers=args.workers, force=args.force,
-                            progress=not args.quiet)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"interrupted; {args.output} left as it was", file=sys.stderr)
-        return 130
-    return 0
+    run_cli(p.prog, lambda: prepare_personality(
+        args.input, args.tokenizer_dir, args.output, tokenizer_file=args.tokenizer, val_fraction=args.val_fraction,
+        workers=args.workers, force=args.force, progress=not args.quiet),
+        interrupted=f"interrupted; {args.output} left as it was")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

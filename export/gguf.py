@@ -31,7 +31,6 @@ Models llama.cpp cannot run correctly (QK-norm, logit softcap) are refused.
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import logging
 import sys
@@ -315,7 +314,8 @@ def write_gguf(params: Params, config: LlamaConfig, tokenizer: str | Path, outpu
     {path, dtype, tensors, bytes, fallbacks}. `_permute=False` (tests only) skips the Q/K permutation,
     giving a file that runs wrong in llama.cpp: the negative control of the parity test."""
     import gguf
-    from tqdm import tqdm
+
+    from nanollama_jax.cli import Progress
 
     if dtype not in DTYPE_NAMES:
         raise ValueError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPE_NAMES)}")
@@ -330,7 +330,7 @@ def write_gguf(params: Params, config: LlamaConfig, tokenizer: str | Path, outpu
     plan = []
     fallbacks = []
     for sd_name, thunk in iter_state(params, config):
-        shape = _shape_of(sd_name, config)
+        shape = gguf_shape(sd_name, config)
         qtype, note = tensor_qtype(shape, dtype)
         if note:
             fallbacks.append(f"{gguf_name(sd_name)}: {note}")
@@ -349,8 +349,7 @@ def write_gguf(params: Params, config: LlamaConfig, tokenizer: str | Path, outpu
             w.write_header_to_file()
             w.write_kv_data_to_file()
             w.write_ti_data_to_file()
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"GGUF {dtype}", disable=not progress,
-                      file=sys.stderr) as bar:
+            with Progress(total, desc=f"GGUF {dtype}", unit="B", enabled=progress) as bar:
                 for sd_name, thunk, shape, qtype in plan:
                     a = to_gguf_layout(sd_name, thunk(), config, permute=_permute)
                     assert a.shape == shape, (sd_name, a.shape, shape)
@@ -366,7 +365,7 @@ def write_gguf(params: Params, config: LlamaConfig, tokenizer: str | Path, outpu
             "fallbacks": fallbacks}
 
 
-def _shape_of(sd_name: str, config: LlamaConfig) -> tuple[int, ...]:
+def gguf_shape(sd_name: str, config: LlamaConfig) -> tuple[int, ...]:
     """The [out, in] shape llama.cpp stores for a state-dict name (vocab tensors trimmed)."""
     d, hd, f = config.n_embd, config.head_dim, config.ffn_hidden
     if sd_name in VOCAB_TENSORS:
@@ -382,20 +381,11 @@ def _shape_of(sd_name: str, config: LlamaConfig) -> tuple[int, ...]:
     }[rest]
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line `error: …` (exit 2)."""
-
-    def error(self, message):
-        print(f"error: {self.prog}: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def main(argv=None):
     from nanollama_jax import checkpoint
-    from nanollama_jax.cli import run_cli
+    from nanollama_jax.cli import ArgumentParser, run_cli
 
-    p = _Parser(prog="python -m export.gguf", description=__doc__,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m export.gguf", description=__doc__)
     p.add_argument("--checkpoint", required=True, help="a run folder (latest step) or one of its step folders")
     p.add_argument("--output", required=True, help="the .gguf file to write")
     p.add_argument("--dtype", default="f32", choices=DTYPE_NAMES, type=str.lower,
@@ -415,7 +405,7 @@ def main(argv=None):
         print(f"wrote {info['path']} ({args.dtype}, {info['tensors']} tensors, {info['bytes']:,} bytes, "
               f"step {run_info.step})")
 
-    run_cli(run)
+    run_cli(p.prog, run)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ any llama-architecture GGUF with a SentencePiece vocabulary.
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import json
 import sys
@@ -29,13 +28,13 @@ from pathlib import Path
 
 import numpy as np
 
-from export.gguf import (CONFIG_KEY, TOKENIZER_KEY, VOCAB_TENSORS, _Parser, _shape_of, gguf_name,
+from export.gguf import (CONFIG_KEY, TOKENIZER_KEY, VOCAB_TENSORS, gguf_name, gguf_shape,
                          nanollama_name, unpermute_qk)
 from nanollama_jax.config import LlamaConfig
 from nanollama_jax.model import Params
 
 
-def _open(path: Path):
+def open_gguf(path: Path):
     from gguf import GGUFReader
 
     if not path.is_file():
@@ -135,7 +134,7 @@ def read_state(reader, config: LlamaConfig, source: str) -> dict[str, np.ndarray
         if name.startswith("layers.") and int(name.split(".")[1]) >= config.n_layer:
             raise ValueError(f"{source}: tensor {t.name} is past block_count {config.n_layer}")
         shape = tuple(int(n) for n in reversed(t.shape.tolist()))  # ggml ne order → numpy order
-        want = _shape_of(name, config)
+        want = gguf_shape(name, config)
         if shape != want:
             raise ValueError(f"{source}: tensor {t.name} has shape {list(shape)}, expected {list(want)} "
                              "from the metadata")
@@ -228,7 +227,7 @@ def read_gguf(path: str | Path) -> tuple[LlamaConfig, Params, bytes]:
     from nanollama_jax.statedict import from_state_dict
 
     path = Path(path)
-    reader = _open(path)
+    reader = open_gguf(path)
     source = str(path)
     config = config_from_gguf(reader, source)
     tokenizer = sentencepiece_from_gguf(reader, source)
@@ -253,10 +252,9 @@ def write_run(path: str | Path, output: str | Path):
 
 
 def main(argv=None):
-    from nanollama_jax.cli import run_cli
+    from nanollama_jax.cli import ArgumentParser, run_cli
 
-    p = _Parser(prog="python -m export.gguf_read", description=__doc__,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m export.gguf_read", description=__doc__)
     p.add_argument("gguf", help="the .gguf file to read (llama architecture, SentencePiece vocabulary)")
     p.add_argument("--output", required=True, help="the run folder to create")
     args = p.parse_args(argv)
@@ -266,7 +264,7 @@ def main(argv=None):
         print(f"wrote run {run_info.dir} ({run_info.config.param_count():,} parameters, "
               f"vocab {run_info.config.vocab_size})")
 
-    run_cli(run)
+    run_cli(p.prog, run)
 
 
 if __name__ == "__main__":

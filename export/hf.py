@@ -2,13 +2,15 @@
 
 Take a model to the transformers / vLLM world, or bring an HF Llama in for continued pretraining.
 HF's Llama uses the same half-split RoPE as we do, so weights move without any permutation.
+The export declares the real vocabulary (the padding rows, which our model masks, are dropped, so
+transformers and vLLM can never sample an id the tokenizer cannot decode) and takes bos/eos/pad
+ids from the tokenizer; the import pads the vocabulary rows again with zeros.
 
     python -m export.hf --checkpoint runs/tiny --output hf/tiny
     python -m export.hf --from-hf path/to/llama --output runs/imported
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -21,6 +23,8 @@ from nanollama_jax.files import atomic_dir
 from nanollama_jax.model import Params
 from nanollama_jax.statedict import from_state_dict, to_state_dict
 
+# Tensors whose rows are tokens: exported with the real vocabulary's rows only.
+VOCAB_ROWS = ("tok_embeddings.weight", "output.weight")
 # nanollama state-dict name -> HF name (per-layer names after "layers.{i}.")
 HF_TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
           "output.weight": "lm_head.weight"}
@@ -52,7 +56,24 @@ def nanollama_name(hf: str) -> str | None:
     return None
 
 
-def hf_config(config: LlamaConfig) -> dict:
+def special_ids(tokenizer: str | Path | None, config: LlamaConfig) -> dict:
+    """bos/eos/pad ids as the tokenizer defines them (None where it has none), checked against the model."""
+    if tokenizer is None:
+        return {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+    import sentencepiece as spm
+
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
+    except Exception as e:
+        raise ValueError(f"{tokenizer}: not a SentencePiece model ({e})") from None
+    if sp.get_piece_size() != config.vocab_size:
+        raise ValueError(f"{tokenizer}: the tokenizer has {sp.get_piece_size()} pieces but the model's vocab_size is "
+                         f"{config.vocab_size}")
+    ids = {"bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id(), "pad_token_id": sp.pad_id()}
+    return {k: (i if i >= 0 else None) for k, i in ids.items()}
+
+
+def hf_config(config: LlamaConfig, tokenizer: str | Path | None = None) -> dict:
     if not config.llama_cpp_compatible:
         raise ValueError("QK-norm and logit softcap have no LlamaForCausalLM equivalent; cannot export to HF")
     return {
@@ -63,10 +84,9 @@ def hf_config(config: LlamaConfig) -> dict:
         "rms_norm_eps": config.norm_eps, "rope_theta": config.rope_theta,
         "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
         "max_position_embeddings": config.sequence_len,
-        # The embedding keeps its padding rows; the real vocabulary size travels alongside.
-        "vocab_size": config.padded_vocab, "nanollama_vocab_size": config.vocab_size,
+        "vocab_size": config.vocab_size,  # the padding rows are not exported
         "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
-        "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32",
+        "hidden_act": "silu", **special_ids(tokenizer, config), "torch_dtype": "float32",
     }
 
 
@@ -74,8 +94,9 @@ def save_hf(params: Params, config: LlamaConfig, out_dir: str | Path, tokenizer:
     from safetensors.numpy import save_file
 
     out_dir = Path(out_dir)
-    cfg = hf_config(config)
-    tensors = {hf_name(k): np.ascontiguousarray(v, dtype=np.float32) for k, v in to_state_dict(params).items()}
+    cfg = hf_config(config, tokenizer)
+    tensors = {hf_name(k): np.ascontiguousarray(v[: config.vocab_size] if k in VOCAB_ROWS else v, dtype=np.float32)
+               for k, v in to_state_dict(params).items()}
     with atomic_dir(out_dir) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
@@ -83,8 +104,16 @@ def save_hf(params: Params, config: LlamaConfig, out_dir: str | Path, tokenizer:
             shutil.copyfile(tokenizer, tmp / "tokenizer.model")
             (tmp / "tokenizer_config.json").write_text(json.dumps(
                 {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
-                 "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "legacy": True}, indent=2) + "\n")
+                 **_special_pieces(tokenizer), "legacy": True}, indent=2) + "\n")
     return out_dir
+
+
+def _special_pieces(tokenizer) -> dict:
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
+    ids = {"bos_token": sp.bos_id(), "eos_token": sp.eos_id(), "unk_token": sp.unk_id(), "pad_token": sp.pad_id()}
+    return {k: sp.id_to_piece(i) for k, i in ids.items() if i >= 0}
 
 
 def config_from_hf(cfg: dict, source: str) -> LlamaConfig:
@@ -97,7 +126,7 @@ def config_from_hf(cfg: dict, source: str) -> LlamaConfig:
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         raise ValueError(f"{source}: RoPE scaling {rope.get('rope_type') or rope.get('type')!r} is not supported")
     d, heads = cfg["hidden_size"], cfg["num_attention_heads"]
-    vocab = cfg.get("nanollama_vocab_size", cfg["vocab_size"])
+    vocab = cfg.get("nanollama_vocab_size", cfg["vocab_size"])  # older exports declared the padded size
     config = LlamaConfig(
         n_layer=cfg["num_hidden_layers"], n_embd=d, n_head=heads,
         n_kv_head=cfg.get("num_key_value_heads", heads), vocab_size=vocab,
@@ -133,7 +162,7 @@ def load_hf(model_dir: str | Path) -> tuple[LlamaConfig, Params]:
     if "output.weight" not in state and "tok_embeddings.weight" in state:  # tied embeddings
         state["output.weight"] = state["tok_embeddings.weight"]
     rows = config.padded_vocab
-    for name in ("tok_embeddings.weight", "output.weight"):
+    for name in VOCAB_ROWS:
         if name in state and state[name].shape[0] < rows:  # pad to a multiple of 64; the model masks the rows
             a = state[name]
             state[name] = np.concatenate([a, np.zeros((rows - a.shape[0], a.shape[1]), a.dtype)])
@@ -142,10 +171,9 @@ def load_hf(model_dir: str | Path) -> tuple[LlamaConfig, Params]:
 
 def main(argv=None):
     from nanollama_jax import checkpoint
-    from nanollama_jax.cli import run_cli
+    from nanollama_jax.cli import ArgumentParser, run_cli
 
-    p = argparse.ArgumentParser(
-        prog="python -m export.hf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m export.hf", description=__doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a run folder (latest step) or one of its step folders, to export")
     src.add_argument("--from-hf", help="a Hugging Face LlamaForCausalLM folder, to import as a run")
@@ -166,7 +194,7 @@ def main(argv=None):
             checkpoint.write_params_run(args.output, config, params, tok)
             print(f"wrote run {args.output} ({config.param_count():,} parameters)")
 
-    run_cli(run)
+    run_cli(p.prog, run)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ The output is written to a temporary name and renamed when complete.
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import hashlib
 import sys
@@ -35,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.gguf import TOKENIZER_KEY, VOCAB_TENSORS, _Parser, _shape_of, gguf_name, permute_qk
+from export.gguf import TOKENIZER_KEY, VOCAB_TENSORS, gguf_name, gguf_shape, permute_qk
 from nanollama_jax.files import atomic_path
 from nanollama_jax.gamma import ARCH_FIELDS, Gamma, load_gamma
 
@@ -61,7 +60,7 @@ def plan_adapter(g: Gamma, config, base_tensors: dict) -> tuple[list, list]:
         raise ValueError(f"the base GGUF lacks tensor(s) for {', '.join(missing[:5])}")
     for name, entry in g.tensors.items():
         gname = gguf_name(name)
-        want = _shape_of(name, config)
+        want = gguf_shape(name, config)
         if base_tensors[gname] != want:
             raise ValueError(f"base GGUF tensor {gname} has shape {list(base_tensors[gname])}, expected {list(want)}")
         if len(entry.shape) < 2:
@@ -85,10 +84,10 @@ def write_lora(g: Gamma, base_gguf, output, dtype: str = "f32", require_complete
                name: str | None = None) -> dict:
     import gguf
 
-    from export.gguf_read import _open, config_from_gguf
+    from export.gguf_read import config_from_gguf, open_gguf
 
     base_gguf = Path(base_gguf)
-    reader = _open(base_gguf)
+    reader = open_gguf(base_gguf)
     config = config_from_gguf(reader, str(base_gguf))
     diffs = []
     if g.config is not None:
@@ -140,9 +139,9 @@ def write_lora(g: Gamma, base_gguf, output, dtype: str = "f32", require_complete
 
 
 def main(argv=None):
-    from nanollama_jax.cli import run_cli
+    from nanollama_jax.cli import ArgumentParser, run_cli
 
-    p = _Parser(prog="python -m export.lora", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m export.lora", description=__doc__)
     p.add_argument("gamma", help="gamma .npz (ours, dense or compressed, or the reference's layout)")
     p.add_argument("--base", required=True, help="the base model's GGUF (python -m export.gguf)")
     p.add_argument("-o", "--output", required=True, help="adapter .gguf to write")
@@ -162,7 +161,7 @@ def main(argv=None):
         print(f"wrote {info['path']} ({info['tensors']} LoRA pairs, rank {'/'.join(map(str, ranks))}, "
               f"alpha {info['alpha']}, {info['bytes']:,} bytes)")
 
-    run_cli(run)
+    run_cli(p.prog, run)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ holding other Python objects needs `--trust-pickle`. torch is imported only insi
 """
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -28,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 
-from export.gguf import _Parser
 from nanollama_jax.config import LlamaConfig, round_up
 from nanollama_jax.files import atomic_path
 from nanollama_jax.model import Params
@@ -203,10 +201,9 @@ def save_pt(params: Params, config: LlamaConfig, output: str | Path, step: int, 
 
 def main(argv=None):
     from nanollama_jax import checkpoint
-    from nanollama_jax.cli import run_cli
+    from nanollama_jax.cli import ArgumentParser, run_cli
 
-    p = _Parser(prog="python -m export.nanollama", description=__doc__,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m export.nanollama", description=__doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--from-pt", metavar="FILE", help="a nanollama checkpoint_step{N}.pt to import as a run")
     src.add_argument("--checkpoint", metavar="RUN", help="a run folder (latest step) or step folder to export as .pt")
@@ -237,7 +234,7 @@ def main(argv=None):
             save_pt(params, run_info.config, args.output, run_info.step, base)
             print(f"wrote {args.output} and {meta_path(args.output).name} (step {run_info.step})")
 
-    run_cli(run)
+    run_cli(p.prog, run)
 
 
 def _check_tokenizer(path: Path, config: LlamaConfig) -> None:

@@ -9,7 +9,6 @@ is checked against.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import sys
 import time
@@ -94,11 +93,10 @@ def main(argv=None):
     import sentencepiece as spm
 
     from . import checkpoint
-    from .cli import run_cli
+    from .cli import ArgumentParser, run_cli
     from .files import atomic_path
 
-    p = argparse.ArgumentParser(prog="python -m nanollama_jax.generate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m nanollama_jax.generate", description=__doc__)
     p.add_argument("--checkpoint", required=True, help="run folder (latest step) or one of its step folders")
     p.add_argument("--prompt", default="", help="text to continue (BOS is added)")
     p.add_argument("--max-tokens", type=int, default=200)
@@ -109,10 +107,10 @@ def main(argv=None):
     p.add_argument("--tokens", help="int32 .npy of token ids (BOS included) for --dump-logits")
     p.add_argument("--dump-logits", help="write float32 logits [T, vocab] of --tokens to this .npy")
     args = p.parse_args(argv)
+    if bool(args.tokens) != bool(args.dump_logits):
+        p.error("--tokens and --dump-logits go together")
 
     def run():
-        if bool(args.tokens) != bool(args.dump_logits):
-            raise ValueError("--tokens and --dump-logits go together")
         run_info, params = checkpoint.load_params(args.checkpoint)
         config = run_info.config
         if args.dump_logits:
@@ -149,7 +147,7 @@ def main(argv=None):
         print(f"\n[{len(produced)} tokens in {elapsed:.1f}s, {len(produced) / max(elapsed, 1e-9):.1f} tok/s]",
               file=sys.stderr)
 
-    run_cli(run)
+    run_cli(p.prog, run)
 
 
 if __name__ == "__main__":

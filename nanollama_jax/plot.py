@@ -4,7 +4,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -15,7 +14,14 @@ def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no metrics yet (has the run logged a step?)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: not a JSON line ({e.msg})") from None
+    return rows
 
 
 def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
@@ -48,14 +54,13 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
 
 
 def main(argv=None):
-    from .cli import run_cli
+    from .cli import ArgumentParser, run_cli
 
-    p = argparse.ArgumentParser(prog="python -m nanollama_jax.plot", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m nanollama_jax.plot", description=__doc__)
     p.add_argument("run", help="run folder")
     p.add_argument("--output", help="PNG path (default RUN/curves.png)")
     args = p.parse_args(argv)
-    run_cli(lambda: print(f"wrote {plot_run(args.run, args.output)}"))
+    run_cli(p.prog, lambda: print(f"wrote {plot_run(args.run, args.output)}"))
 
 
 if __name__ == "__main__":

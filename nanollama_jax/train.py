@@ -10,7 +10,6 @@ checkpoint left off. Ctrl-C (or SIGTERM) saves a checkpoint before exiting.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -241,10 +240,9 @@ def global_batch_array(local: np.ndarray, plan: Plan, batch_sh) -> jax.Array:
 
 
 def main(argv=None):
-    from .cli import run_cli
+    from .cli import ArgumentParser, run_cli
 
-    p = argparse.ArgumentParser(prog="python -m nanollama_jax.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m nanollama_jax.train", description=__doc__)
     p.add_argument("--size", default="tiny", help=f"named size: {', '.join(size_names())} (default tiny)")
     p.add_argument("--mesh", help="FSDPxTENSOR device mesh, e.g. 4x1 (default: all devices on fsdp)")
     p.add_argument("--data", help="prepared data folder (python -m data.prepare); default: the built-in corpus")
@@ -278,7 +276,7 @@ def main(argv=None):
     p.add_argument("--num-processes", type=int, help="multi-host: number of processes")
     p.add_argument("--process-id", type=int, help="multi-host: this process's index")
     args = p.parse_args(argv)
-    run_cli(lambda: train(args))
+    run_cli(p.prog, lambda: train(args))
 
 
 def train(args) -> None:
@@ -389,8 +387,7 @@ def multihost_barrier(name: str) -> None:
 
 def loop(plan, args, run, mgr, batches, val, bpt, params, opt_state, train_step, eval_step, batch_sh, eval_sh,
          start_step, mesh):
-    from tqdm import tqdm
-
+    from .cli import Progress
     from .optim import learning_rates
 
     config = plan.config
@@ -411,8 +408,7 @@ def loop(plan, args, run, mgr, batches, val, bpt, params, opt_state, train_step,
     handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     val_local = [local_rows(v) for v in val]
     window: list[float] = []  # recent step times, compilation excluded
-    bar = tqdm(total=plan.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
-               disable=jax.process_index() != 0, file=sys.stderr)
+    bar = Progress(plan.steps, initial=start_step, desc="train", unit="step", enabled=jax.process_index() == 0)
     step = start_step
     saved_at = start_step
     try:

@@ -361,7 +361,7 @@ def test_personality_shapes(tmp_path, prepared):
     r = subprocess.run([PY, "-m", "data.prepare_personality", "--input", str(jl), "--tokenizer-dir", str(prepared),
                         "--output", str(out), "--tokenizer", str(other)], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1
-    assert r.stderr.startswith(f"error: {other}: tokenizer sha256") and "differs from the base" in r.stderr
+    assert r.stderr.startswith(f"data.prepare_personality: {other}: tokenizer sha256") and "differs from the base" in r.stderr
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"question": "?"}) + "\n")
@@ -399,7 +399,7 @@ def test_cli_errors_are_one_line_and_keep_earlier_output(tmp_path, corpus):
         r = _cli("--input", *inputs, "--output", out, "--vocab-size", 400, "--quiet", "--workers", 1)
         assert r.returncode != 0
         lines = r.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
+        assert len(lines) == 1 and lines[0].startswith("data.prepare: ") and message in lines[0], r.stderr
         after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
         assert after == before, f"earlier output changed by failing run ({message})"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []

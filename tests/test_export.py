@@ -575,7 +575,7 @@ def run_cli(*args):
 def assert_one_line_error(r, *words):
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"{r.args[2]}: "), r.stderr  # `<command>: …`
     for w in words:
         assert w in lines[0], lines[0]
 

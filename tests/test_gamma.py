@@ -359,7 +359,7 @@ def test_mismatched_inputs_are_refused_before_writing(runs, gamma_file, tmp_path
     for args, word in cases:
         r = gamma_cli(*args)
         assert r.returncode == 1, (args, r.stdout, r.stderr)
-        assert r.stderr.startswith("error: cannot") and word in r.stderr, (args, r.stderr)
+        assert r.stderr.startswith(f"nanollama_jax.gamma {args[0]}: cannot") and word in r.stderr, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1
     assert not any(p.name.startswith("out") for p in tmp_path.iterdir()), list(tmp_path.iterdir())
     # one error lists every difference

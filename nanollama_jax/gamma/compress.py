@@ -1,0 +1,138 @@
+"""Compressed gammas (truncated SVD, rank or energy; top-|value| sparse) per group of tensors, and the
+fidelity report: the share of the personality effect a compressed gamma keeps."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..config import LlamaConfig
+from .encodings import Dense, Gamma, LowRank, Sparse
+from .ops import apply_gamma
+
+
+def low_rank(a: np.ndarray, rank: int | None = None, energy: float | None = None, dtype=np.float32) -> LowRank:
+    """Truncated SVD: rank `rank`, or the smallest rank keeping the fraction `energy` of the squared
+    Frobenius norm (both: the smaller of the two)."""
+    u, s, vt = np.linalg.svd(np.asarray(a, np.float64), full_matrices=False)
+    r = len(s)
+    if energy is not None:
+        total = float(np.sum(s ** 2))
+        r = int(np.searchsorted(np.cumsum(s ** 2) / total, energy - 1e-12) + 1) if total else 0
+    if rank is not None:
+        r = min(r, rank)
+    r = max(0, min(r, len(s)))
+    return LowRank(u[:, :r] * s[:r], vt[:r], dtype)
+
+
+def top_fraction(a: np.ndarray, density: float, dtype=np.float32) -> Sparse:
+    flat = np.asarray(a, np.float32).ravel()
+    n = int(round(density * flat.size))
+    if n >= flat.size:
+        idx = np.arange(flat.size)
+    elif n <= 0:
+        idx = np.zeros(0, np.int64)
+    else:
+        idx = np.sort(np.argpartition(-np.abs(flat), n - 1)[:n])
+    return Sparse(a.shape, idx, flat[idx], dtype)
+
+
+GROUPS = ("layers", "head", "embedding")
+
+
+def group_of(name: str) -> str:
+    return {"tok_embeddings.weight": "embedding", "output.weight": "head"}.get(name, "layers")
+
+
+def parse_spec(text: str, what: str = "spec") -> dict:
+    """'rank:8', 'energy:0.7', 'density:0.25', 'rank:16,energy:0.8' or 'dense' → a spec dict."""
+    spec = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        if part == "dense":
+            spec["dense"] = True
+            continue
+        key, _, value = part.partition(":")
+        try:
+            spec[key] = int(value) if key == "rank" else float(value)
+        except ValueError:
+            raise ValueError(f"{what}: bad value in {part!r}") from None
+        if key not in ("rank", "energy", "density"):
+            raise ValueError(f"{what}: unknown setting {key!r} (rank:R, energy:E, density:D or dense)")
+    return _check_spec(spec, what)
+
+
+def _check_spec(spec: dict, what: str) -> dict:
+    if spec.get("rank") is not None and spec["rank"] < 1:
+        raise ValueError(f"{what}: rank must be >= 1, got {spec['rank']}")
+    if spec.get("density") is not None and not 0 <= spec["density"] <= 1:
+        raise ValueError(f"{what}: density must be in [0, 1], got {spec['density']}")
+    if spec.get("energy") is not None and not 0 < spec["energy"] <= 1:
+        raise ValueError(f"{what}: energy must be in (0, 1], got {spec['energy']}")
+    if spec.get("density") is not None and (spec.get("rank") or spec.get("energy")):
+        raise ValueError(f"{what}: choose low rank (rank/energy) or density, not both")
+    return spec
+
+
+def default_specs(rank=None, density=None, energy=None) -> dict:
+    """The documented defaults: layer matrices and head low rank (rank and/or energy) when asked,
+    else sparse; the token embedding sparse when a density is given, else low rank."""
+    lowrank = {k: v for k, v in (("rank", rank), ("energy", energy)) if v is not None}
+    sparse = {"density": density} if density is not None else {}
+    main = lowrank or sparse
+    return {"layers": main, "head": main, "embedding": sparse or lowrank}
+
+
+def compress(g: Gamma, rank: int | None = None, density: float | None = None, energy: float | None = None,
+             dtype: str = "float32", specs: dict | None = None) -> Gamma:
+    """Per-group compression (groups: layers, head, embedding); `specs` overrides the defaults of
+    rank/density/energy per group. 1-D tensors stay dense float32."""
+    if dtype not in ("float32", "float16"):
+        raise ValueError(f"--dtype must be float32 or float16, got {dtype}")
+    plan = default_specs(rank, density, energy)
+    plan.update(specs or {})
+    for group, spec in plan.items():
+        _check_spec(spec, f"--{group}" if specs and group in specs else "compress")
+    if not any(plan.values()):
+        raise ValueError("compress needs --rank, --energy and/or --density (or per-group settings)")
+    tensors = {}
+    for k, e in g.tensors.items():
+        a = e.dense()
+        spec = plan[group_of(k)]
+        if a.ndim < 2 or not spec or spec.get("dense"):
+            tensors[k] = Dense(a)
+        elif "density" in spec:
+            tensors[k] = top_fraction(a, spec["density"], dtype)
+        else:
+            tensors[k] = low_rank(a, spec.get("rank"), spec.get("energy"), dtype)
+    info = dict(g.info)
+    info["compressed_from"] = {"gamma": g.source, "plan": plan, "dtype": dtype}
+    info["ranks"] = {k: t.rank for k, t in tensors.items() if t.kind == "lowrank"}
+    return Gamma(tensors, g.config, g.tokenizer_sha256, g.base_fingerprint, rank, density, info, g.source)
+
+
+def personality_loss_fn(config: LlamaConfig, data_dir, seq_len: int, batch_size: int, batches: int):
+    """A function params -> mean loss on the val split of `data_dir` (fixed batches): the training
+    loss itself, so the share kept is measured in the quantity training minimises."""
+    import functools
+
+    import jax
+
+    from ..data import validation_batches
+    from ..train import next_token_loss  # imported here: only the fidelity report needs training's code
+
+    vb = validation_batches(data_dir, seq_len=seq_len, batch_size=batch_size, max_batches=batches)
+    loss = jax.jit(functools.partial(next_token_loss, config=config))
+
+    def fn(params):
+        return float(np.mean([float(loss(params, b)) for b in vb]))
+
+    return fn
+
+
+def fidelity(base_state: dict, pers_state: dict, compressed: Gamma, config: LlamaConfig, loss_fn) -> dict:
+    from ..statedict import from_state_dict
+
+    lb = loss_fn(from_state_dict(base_state, config))
+    lp = loss_fn(from_state_dict(pers_state, config))
+    lc = loss_fn(from_state_dict(apply_gamma(base_state, compressed), config))
+    gap = lb - lp
+    return {"loss_base": lb, "loss_personality": lp, "loss_compressed": lc,
+            "share_kept": (lb - lc) / gap if gap else float("nan")}
