@@ -138,7 +138,7 @@ def main(argv=None):
     p.add_argument("--scoring", choices=("mean", "sum"), default="mean",
                    help="pick the option with the lowest mean token loss (nanochat CORE, default) or the highest "
                         "summed log-likelihood (lm-evaluation-harness acc)")
-    p.add_argument("--batch-size", type=int, default=32, help="rows per forward pass, over all devices")
+    p.add_argument("--batch-size", type=int, default=16, help="rows per device and forward pass (fewer for long rows)")
     p.add_argument("--mesh", help="FSDPxTENSOR device mesh, e.g. 4x1 (default: all devices on fsdp)")
     p.add_argument("--dtype", choices=DTYPES, help="compute dtype (default: the model's)")
     p.add_argument("--tokenizer", help="a SentencePiece tokenizer.model to use instead of the model's own")
@@ -151,7 +151,7 @@ def main(argv=None):
 
 def evaluate(args) -> None:
     from .files import atomic_path
-    from .scoring import bits_per_byte, evaluate_tasks, text_windows, token_byte_table
+    from .scoring import TOKENS_PER_DEVICE, bits_per_byte, evaluate_tasks, text_windows, token_byte_table
     from .tasks import load_tasks
 
     if not args.tasks and not args.bpb_text:
@@ -176,7 +176,9 @@ def evaluate(args) -> None:
                                       scoring=args.scoring, mesh=mesh, batch_size=args.batch_size,
                                       progress=not args.quiet, details=args.details))
     if documents:
-        windows = text_windows(model.tokenizer, documents, model.config.sequence_len, args.batch_size)
+        seq = model.config.sequence_len
+        rows = mesh.shape["fsdp"] * max(1, min(args.batch_size, TOKENS_PER_DEVICE // seq))
+        windows = text_windows(model.tokenizer, documents, seq, rows)
         bpb = bits_per_byte(model.params, model.config, windows, token_byte_table(model.tokenizer), mesh=mesh)
         results["bpb"] = {**bpb, "files": [str(f) for f in args.bpb_text]}
     out = Path(args.output) if args.output else default_output(model.source)

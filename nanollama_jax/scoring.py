@@ -41,7 +41,8 @@ from .model import Params, forward
 from .tasks import Row, Task, task_rows
 
 SCORINGS = ("mean", "sum")
-LENGTH_BUCKET = 32  # rows are padded to a multiple of this: few distinct shapes, few compilations
+MIN_LENGTH = 32
+TOKENS_PER_DEVICE = 16384  # per forward pass and fsdp shard: bounds the float32 logits held at once
 
 
 # ------------------------------------------------------------------------------ bits per byte
@@ -155,20 +156,29 @@ def _put(batch: np.ndarray, mesh: Mesh) -> jax.Array:
     return jax.make_array_from_process_local_data(sh, np.ascontiguousarray(local), batch.shape)
 
 
+def _bucket(length: int) -> int:
+    """Padded length: a power of two from MIN_LENGTH, so a task run compiles a handful of shapes."""
+    return max(MIN_LENGTH, 1 << (length - 1).bit_length())
+
+
 def score_rows(params: Params, config: LlamaConfig, rows: Sequence[Row], *, mesh: Mesh, batch_size: int,
                on_batch=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(summed loss, scored tokens, greedy match) for every row. Rows are sorted by length and
-    batched `batch_size` at a time (a multiple of the fsdp size), padded to a length bucket."""
+    """(summed loss, scored tokens, greedy match) for every row. Longest rows first, each batch
+    padded to its longest row's bucket, with up to `batch_size` rows per fsdp shard and at most
+    TOKENS_PER_DEVICE tokens per shard (the logits of a batch are held whole)."""
     step = _jitted_rows(config, mesh)
-    batch_size = max(batch_size, mesh.shape["fsdp"]) // mesh.shape["fsdp"] * mesh.shape["fsdp"]
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i].tokens))
+    shards = mesh.shape["fsdp"]
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i].tokens))
     loss, count, match = np.zeros(len(rows)), np.zeros(len(rows), np.int64), np.zeros(len(rows), bool)
+    b = 0
     with jax.set_mesh(mesh), sharding.axis_rules():
-        for b in range(0, len(order), batch_size):
-            idx = order[b:b + batch_size]
-            length = -(-max(len(rows[i].tokens) for i in idx) // LENGTH_BUCKET) * LENGTH_BUCKET
-            tokens = np.zeros((batch_size, length), np.int32)
-            mask = np.zeros((batch_size, length), bool)
+        while b < len(order):
+            length = _bucket(len(rows[order[b]].tokens))
+            n = shards * max(1, min(batch_size, TOKENS_PER_DEVICE // length))
+            idx = order[b:b + n]
+            b += len(idx)
+            tokens = np.zeros((n, length), np.int32)
+            mask = np.zeros((n, length), bool)
             for r, i in enumerate(idx):
                 row = rows[i]
                 tokens[r, :len(row.tokens)] = row.tokens
@@ -187,10 +197,10 @@ def centred(accuracy: float, baseline: float) -> float:
 
 def evaluate_tasks(params: Params, config: LlamaConfig, tokenizer, tasks: Sequence[Task], *,
                    max_items: int | None = None, scoring: str = "mean", mesh: Mesh | None = None,
-                   batch_size: int = 32, progress: bool = False, details: bool = False) -> dict:
+                   batch_size: int = 16, progress: bool = False, details: bool = False) -> dict:
     """Accuracy and centred accuracy of every task, and their mean. `max_items` caps the items per
-    task (the first of the task's fixed shuffle); `details` adds each item's gold, prediction and
-    option scores (mean loss or summed log-likelihood, by `scoring`)."""
+    task (the first of the task's fixed shuffle); `batch_size` is rows per fsdp shard; `details` adds
+    each item's gold, prediction and option scores (mean loss or summed log-likelihood, by `scoring`)."""
     if scoring not in SCORINGS:
         raise ValueError(f"scoring must be one of {', '.join(SCORINGS)}, got {scoring!r}")
     mesh = mesh or sharding.make_mesh()

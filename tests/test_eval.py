@@ -133,7 +133,7 @@ def test_bits_per_byte_spans_windows_and_skips_special_targets(sp, config, param
 
 MC = [{"query": f"Question {i}: what does the {w} say?", "choices": ["Hello there", "Goodbye now", "Maybe later"],
        "gold": i % 3} for i, w in enumerate(["cat", "dog", "cow", "owl", "fox", "bee", "ant"])]
-SCHEMA = [{"context_options": [f"The {a} was in the garden", f"The {b} was in the garden"],
+SCHEMA = [{"context_options": [f"Out in the garden lay the {a}", f"Out in the garden lay the {b}"],
            "continuation": "so it got wet.", "gold": i % 2} for i, (a, b) in
           enumerate([("hat", "book"), ("cat", "lamp"), ("dog", "chair"), ("key", "bag"), ("pen", "cup")])]
 LM = [{"context": f"Count with me: one, two, three, {w} ", "continuation": "and done."}
@@ -203,7 +203,7 @@ def test_eval_bundle_layout(tmp_path, task_dir):
         "icl_tasks:\n"
         "- label: mc_task\n  dataset_uri: mc_file.jsonl\n  num_fewshot: [4]\n  icl_task_type: multiple_choice\n"
         "- label: counting\n  dataset_uri: lm/count.jsonl\n  num_fewshot: [2]\n  icl_task_type: language_modeling\n"
-        "  continuation_delimiter: '\\n'\n")
+        "  continuation_delimiter: \"\\n\"\n")
     (tmp_path / "eval_meta_data.csv").write_text("Eval Task,Task Category,Random baseline\nmc_task,x,25.0\n")
     mc, lm = T.load_tasks([tmp_path])
     assert (mc.label, mc.kind, mc.num_fewshot, mc.delimiter, mc.random_baseline) == \
@@ -218,7 +218,7 @@ def test_eval_bundle_layout(tmp_path, task_dir):
 def test_batched_sharded_scores_equal_one_row_at_a_time(task_dir, sp, config, params, mesh):
     tasks = T.load_tasks([task_dir], num_fewshot=1)
     for scoring in ("mean", "sum"):
-        check_scores(evaluate_tasks(params, config, sp, tasks, scoring=scoring, mesh=mesh, batch_size=8,
+        check_scores(evaluate_tasks(params, config, sp, tasks, scoring=scoring, mesh=mesh, batch_size=1,
                                     details=True, max_items=3), tasks, sp, config, params, scoring)
 
 
@@ -313,7 +313,7 @@ def test_accuracy_equals_lm_evaluation_harness(tmp_path, tokenizer_file, sp, con
     save_hf(params, config, tmp_path / "hf", tokenizer_file)
     items = write_jsonl(tmp_path / "cross.jsonl", CROSS_ITEMS)
     ours = run_eval("--checkpoint", tmp_path / "hf", "--tasks", items, "--scoring", "sum", "--details",
-                    "--output", tmp_path / "ours.json", "--quiet", "--batch-size", "8")
+                    "--output", tmp_path / "ours.json", "--quiet", "--batch-size", "4")
     assert ours.returncode == 0, ours.stderr
     assert "cross" in ours.stdout and "mean centred accuracy" in ours.stdout
     mine = json.loads((tmp_path / "ours.json").read_text())["tasks"]["cross"]["details"]
