@@ -158,6 +158,8 @@ def evaluate(args) -> None:
         raise ValueError("nothing to evaluate: give --tasks and/or --bpb-text")
     if args.max_items is not None and args.max_items < 1:
         raise ValueError("--max-items must be at least 1")
+    if args.num_fewshot < 0 or args.batch_size < 1:
+        raise ValueError("--num-fewshot must be at least 0 and --batch-size at least 1")
     tasks = load_tasks(args.tasks, args.num_fewshot, args.delimiter) if args.tasks else []
     documents = []
     for f in args.bpb_text or []:
