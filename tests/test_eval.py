@@ -391,13 +391,18 @@ def test_trained_model_beats_chance_and_untrained_does_not(tmp_path, mesh):
                         "--model-tag", "facts", "--runs-dir", tmp_path / "runs", "--sample-every", "0",
                         "--save-every", "1000"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    out = run_eval("--checkpoint", tmp_path / "runs" / "facts", "--tasks", task, "--quiet")
+    held_out = tmp_path / "corpus" / "doc00.txt"
+    out = run_eval("--checkpoint", tmp_path / "runs" / "facts", "--tasks", task, "--bpb-text", held_out, "--quiet")
     assert out.returncode == 0, out.stderr
-    trained = json.loads((tmp_path / "runs" / "facts" / "eval" / "step_50.json").read_text())["tasks"]["colours"]
+    results = json.loads((tmp_path / "runs" / "facts" / "eval" / "step_50.json").read_text())
+    trained = results["tasks"]["colours"]
     assert trained["accuracy"] >= 0.9 and trained["centred"] >= 0.85
+    assert results["bpb"]["bytes"] == len(held_out.read_bytes()) and results["bpb"]["bpb"] < 1.0
 
     run = checkpoint.open_run(tmp_path / "runs" / "facts")
     checkpoint.write_params_run(tmp_path / "untrained", run.config, M.init_params(run.config, 0), run.tokenizer_path)
     m = load_any(tmp_path / "untrained", mesh)
     untrained = evaluate_tasks(m.params, m.config, m.tokenizer, T.load_tasks([task]), mesh=mesh)["tasks"]["colours"]
     assert untrained["accuracy"] <= 0.375 and untrained["centred"] <= 0.17
+    windows = text_windows(m.tokenizer, [held_out.read_text()], m.config.sequence_len, batch_size=4)
+    assert bits_per_byte(m.params, m.config, windows, token_byte_table(m.tokenizer), mesh=mesh)["bpb"] > 2.0
