@@ -15,7 +15,6 @@ for a run, NAME.eval.json here otherwise) and are printed as a table.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import json
@@ -124,10 +123,9 @@ def format_table(results: dict) -> str:
 
 
 def main(argv=None):
-    from .cli import run_cli
+    from .cli import ArgumentParser, run_cli
 
-    p = argparse.ArgumentParser(prog="python -m nanollama_jax.eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m nanollama_jax.eval", description=__doc__)
     p.add_argument("--checkpoint", required=True, help="run folder, run step folder, HF safetensors folder or .gguf")
     p.add_argument("--tasks", nargs="+", help="eval bundle folder or core.yaml, folders of .jsonl tasks, .jsonl files")
     p.add_argument("--bpb-text", nargs="+", help="UTF-8 text files (one document each) to measure bits per byte on")
@@ -146,7 +144,7 @@ def main(argv=None):
     p.add_argument("--output", help="results JSON (default: RUN/eval/step_N.json, or NAME.eval.json here)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    run_cli(lambda: evaluate(args))
+    run_cli(p.prog, lambda: evaluate(args))
 
 
 def evaluate(args) -> None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import sys
 import time
 from typing import Iterable, Sequence
 
@@ -36,6 +35,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from . import sharding
+from .cli import Progress
 from .config import LlamaConfig
 from .model import Params, forward
 from .tasks import Row, Task, task_rows
@@ -206,7 +206,7 @@ def evaluate_tasks(params: Params, config: LlamaConfig, tokenizer, tasks: Sequen
     mesh = mesh or sharding.make_mesh()
     prepared = [(t, task_rows(t, tokenizer, config.sequence_len, max_items)) for t in tasks]
     total = sum(len(r) for _, items in prepared for r in items)
-    bar = _Progress(total, enabled=progress)
+    bar = Progress(total, desc="eval", unit="row", enabled=progress and jax.process_index() == 0)
     results = {}
     for task, items in prepared:
         flat = [r for rows in items for r in rows]
@@ -233,31 +233,9 @@ def evaluate_tasks(params: Params, config: LlamaConfig, tokenizer, tasks: Sequen
                                "seconds": time.perf_counter() - start}
         if details:
             results[task.label]["details"] = per_item
-        bar.note(f"{task.label}: accuracy {acc:.4f}, centred {results[task.label]['centred']:.4f} "
-                 f"({len(items)} items, {task.num_fewshot}-shot)")
+        if bar.enabled:
+            bar.write(f"{task.label}: accuracy {acc:.4f}, centred {results[task.label]['centred']:.4f} "
+                      f"({len(items)} items, {task.num_fewshot}-shot)")
     bar.close()
     mean = float(np.mean([r["centred"] for r in results.values()])) if results else float("nan")
     return {"scoring": scoring, "tasks": results, "centred_mean": mean}
-
-
-class _Progress:
-    """Rows scored out of all, with an ETA, on stderr (process 0 only)."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.bar = None
-        if enabled and jax.process_index() == 0:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc="eval", unit="row", dynamic_ncols=True, file=sys.stderr)
-
-    def update(self, n: int) -> None:
-        if self.bar:
-            self.bar.update(n)
-
-    def note(self, msg: str) -> None:
-        if self.bar:
-            self.bar.write(msg, file=sys.stderr)
-
-    def close(self) -> None:
-        if self.bar:
-            self.bar.close()

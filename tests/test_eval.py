@@ -284,9 +284,9 @@ def test_bad_task_file_is_one_clear_line(tmp_path, tokenizer_file, config, param
     bad = write_jsonl(tmp_path / "bad.jsonl", [MC[0], {**MC[1], "gold": 3}])
     out = run_eval("--checkpoint", tmp_path / "run", "--tasks", bad)
     assert out.returncode == 1
-    assert out.stderr.strip().splitlines() == [f"error: {bad}:2: 'gold' must be an index into 'choices' (0..2), got 3"]
+    assert out.stderr.strip().splitlines() == [f"nanollama_jax.eval: {bad}:2: 'gold' must be an index into 'choices' (0..2), got 3"]
     out = run_eval("--checkpoint", tmp_path / "nope", "--tasks", write_jsonl(tmp_path / "good.jsonl", MC))
-    assert out.returncode == 1 and out.stderr.strip() == f"error: {tmp_path / 'nope'}: no such run, model folder or GGUF file"
+    assert out.returncode == 1 and out.stderr.strip() == f"nanollama_jax.eval: {tmp_path / 'nope'}: no such run, model folder or GGUF file"
     assert not list(tmp_path.glob("*.json")) and not (tmp_path / "run" / "eval").exists()
 
 
