@@ -13,8 +13,7 @@ from nanollama_jax import checkpoint
 from nanollama_jax import model as M
 from nanollama_jax.config import LlamaConfig
 
-llama_cpp = pytest.importorskip("llama_cpp")
-gguf = pytest.importorskip("gguf")
+from native import llama_cpp_logits as native_logits, llama_cpp_tokenize
 
 VOCAB = 500  # not a multiple of 64: the padded rows (500..511) are exercised
 TEXTS = [
@@ -99,15 +98,9 @@ def our_logits(params, config, ids):
     return np.asarray(M.forward(params, np.asarray([ids], np.int32), config))[0, :, :config.vocab_size]
 
 
-def llama_cpp_logits(path, ids, n_ctx=128):
-    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
-                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, n_threads=2,
-                          verbose=False)
-    try:
-        llm.eval(ids)
-        return np.array(llm.scores[: len(ids)], dtype=np.float32)
-    finally:
-        llm.close()
+def llama_cpp_logits(path, ids):
+    """llama.cpp's logits (in a child process), F32 KV cache: the same arithmetic as our float forward."""
+    return native_logits(path, ids, kv="f32", n_ctx=128)
 
 
 @pytest.fixture(scope="session")
@@ -220,14 +213,10 @@ def test_llama_cpp_quantised_matches(tmp_path, params, config, tokenizer_file, p
 
 
 def test_llama_cpp_tokenizer_matches_sentencepiece(f32_gguf, sp):
-    llm = llama_cpp.Llama(model_path=str(f32_gguf), vocab_only=True, verbose=False)
-    try:
-        for text in TEXTS + [PROMPT]:
-            ours = [sp.bos_id()] + sp.encode(text)
-            assert llm.tokenize(text.encode(), add_bos=True, special=False) == ours, text
-        assert any(sp.is_byte(i) for i in sp.encode(TEXTS[4]))  # byte fallback exercised
-    finally:
-        llm.close()
+    texts = TEXTS + [PROMPT]
+    for text, theirs in zip(texts, llama_cpp_tokenize(f32_gguf, texts)):
+        assert theirs == [sp.bos_id()] + sp.encode(text), text
+    assert any(sp.is_byte(i) for i in sp.encode(TEXTS[4]))  # byte fallback exercised
 
 
 def test_refuses_models_llama_cpp_cannot_run(tmp_path, config, params, tokenizer_file):
