@@ -228,7 +228,7 @@ def server(engine, f32_model):
         for _ in range(100):  # up to ~10 s
             if proc.poll() is not None:
                 raise AssertionError(native.exit_failure("the Go engine's server", f32_model, proc.returncode,
-                                                         proc.stderr.read().decode()))
+                                                         proc.stderr.read().decode()) or "server exited")
             try:
                 status, _ = request(port, "GET", "/health")
                 if status == 200:
