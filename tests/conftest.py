@@ -5,9 +5,30 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import importlib.util  # noqa: E402
+import shutil  # noqa: E402
+
 import pytest  # noqa: E402
 
 from nanollama_jax.config import LlamaConfig  # noqa: E402
+
+# What the suite compares against; none is optional (no test is skipped for want of one).
+TEST_DEPENDENCIES = {"llama_cpp": "llama-cpp-python", "torch": "torch", "transformers": "transformers",
+                     "gguf": "gguf", "sentencepiece": "sentencepiece"}
+
+
+def missing_dependencies() -> list[str]:
+    missing = [pkg for mod, pkg in TEST_DEPENDENCIES.items() if importlib.util.find_spec(mod) is None]
+    if shutil.which("go") is None:
+        missing.append("go (the Go toolchain, on PATH)")
+    return missing
+
+
+def pytest_sessionstart(session):
+    missing = missing_dependencies()
+    if missing:
+        raise pytest.UsageError(f"missing test dependencies: {', '.join(missing)}; "
+                                "install them with `bash scripts/setup.sh test`")
 
 
 @pytest.fixture(scope="session")

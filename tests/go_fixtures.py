@@ -163,15 +163,3 @@ def random_kquant_blocks(rows: int, cols: int, qtype, rng) -> np.ndarray:
         b[:, 0:2] = np.full(nb, scale / 16 / 32, np.float16).view(np.uint8).reshape(nb, 2)
         b[:, 2:4] = np.full(nb, scale / 64, np.float16).view(np.uint8).reshape(nb, 2)
     return b.reshape(rows, cols // block * size)
-
-
-def llama_logits(model_path: Path, ids, n_ctx: int = 512) -> np.ndarray:
-    import llama_cpp
-
-    llm = llama_cpp.Llama(model_path=str(model_path), logits_all=True, n_ctx=n_ctx, n_threads=2,
-                          seed=0, verbose=False)
-    try:
-        llm.eval(list(ids))
-        return np.array(llm.scores[: len(ids)], dtype=np.float32)
-    finally:
-        llm.close()

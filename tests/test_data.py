@@ -498,12 +498,8 @@ def test_too_few_tokens_and_mismatched_mixture(prepared, tmp_path):
         Batches(prepared, seq_len=16, global_batch=2, mixture={prepared: 1, other: 1})
 
 
-def test_hf_needs_datasets_package(tmp_path):
-    try:
-        import datasets  # noqa: F401
-        pytest.skip("datasets is installed")
-    except ImportError:
-        pass
+def test_hf_needs_datasets_package(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as on a machine without it: `import datasets` fails
     with pytest.raises(DataError, match="pip install datasets"):
         prepare(tmp_path / "x", hf="fineweb", progress=False, log=lambda m: None)
     with pytest.raises(DataError, match="unknown"):

@@ -19,8 +19,8 @@ from nanollama_jax import gamma as G
 from nanollama_jax import model as M
 from nanollama_jax.config import LlamaConfig
 from nanollama_jax.statedict import from_state_dict, to_state_dict
+from native import llama_cpp_logits
 
-llama_cpp = pytest.importorskip("llama_cpp")
 VOCAB = 448
 
 
@@ -67,14 +67,8 @@ def setup(tmp_path_factory, config, tokenizer_file):
 
 
 def logits(path, ids, lora=None):
-    llm = llama_cpp.Llama(model_path=str(path), lora_path=str(lora) if lora else None, logits_all=True, n_ctx=128,
-                          n_batch=128, n_ubatch=128, type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32,
-                          n_threads=2, verbose=False)
-    try:
-        llm.eval(ids)
-        return np.array(llm.scores[: len(ids)], dtype=np.float32)
-    finally:
-        llm.close()
+    """llama.cpp's logits in a child process (F32 KV cache), with the adapter applied when given."""
+    return llama_cpp_logits(path, ids, kv="f32", n_ctx=128, lora=lora)
 
 
 def lora_cli(*args):

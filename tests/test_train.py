@@ -217,14 +217,29 @@ def test_muon_orthogonalises_each_scanned_layer():
         assert np.abs(np.asarray(u)).max() == pytest.approx(rate * float(optim.wsd_schedule(100, 1)(0)), rel=1e-3)
 
 
-def test_clipping_and_global_norm():
+def test_the_training_optimizer_clips_the_global_norm_at_one():
+    """Through `make_optimizer` as training builds it: a gradient of norm 1e6 leaves the optimizer in the
+    state the same gradient scaled to norm 1 does (moments and update alike); a gradient of norm 0.5 is
+    left alone; and without the clip the enormous gradient's state differs."""
     config = load_size("pico")[0]
     params = init_params(config)
-    grads = jax.tree_util.tree_map(lambda p: jnp.full(p.shape, 10.0), params)
+    rng = np.random.default_rng(0)
+    grads = jax.tree_util.tree_map(lambda p: jnp.asarray(rng.normal(size=p.shape).astype(np.float32)), params)
+    unit = jax.tree_util.tree_map(lambda g: g / optax.tree.norm(grads), grads)
+
+    def step(tx, scale):
+        g = jax.tree_util.tree_map(lambda u: u * scale, unit)
+        updates, state = tx.update(g, tx.init(params), params)
+        return [np.asarray(x) for x in jax.tree_util.tree_leaves((updates, state)) if jnp.issubdtype(x.dtype, jnp.floating)]
+
+    def same(a, b):  # every leaf equal to 1e-4 of its largest value (float32 rounding of the rescaling)
+        return all(np.abs(x - y).max() <= 1e-4 * np.abs(y).max() for x, y in zip(a, b))
+
     tx = optim.make_optimizer(config, steps=100)
-    clip_state = tx.init(params)[0]
-    clipped, _ = optax.clip_by_global_norm(1.0).update(grads, clip_state)
-    assert float(optax.tree.norm(clipped)) == pytest.approx(1.0, rel=1e-5)
+    at_one = step(tx, 1.0)
+    assert same(step(tx, 1e6), at_one)  # clipped to norm 1
+    assert not same(step(tx, 0.5), at_one)  # below the threshold: untouched
+    assert not same(step(optim.make_optimizer(config, steps=100, clip=np.inf), 1e6), at_one)
 
 
 # --- generation ------------------------------------------------------------------------------------

@@ -26,7 +26,9 @@ def extract(personality_run, base_run) -> Gamma:
 
 
 def cross_depth_map(n_base: int, n_gamma: int) -> list[int]:
-    """For each base layer i, the gamma layer it takes: floor(i·(L_g−1)/(L_b−1) + 1/2)."""
+    """For each base layer i, the gamma layer it takes: floor(i·(L_g−1)/(L_b−1) + 1/2), the nearest layer at
+    the same relative depth, a tie going to the deeper one. First maps to first and last to last; a 5-layer
+    base takes a 3-layer gamma's layers [0, 1, 1, 2, 2]."""
     if n_base == 1:
         return [0]
     return [int(np.floor(i * (n_gamma - 1) / (n_base - 1) + 0.5)) for i in range(n_base)]
