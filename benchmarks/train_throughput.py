@@ -100,7 +100,7 @@ def interleaved_speed(steppers: dict, tokens_per_step: int, rounds: int, warmup:
 
 def make_batches(config: LlamaConfig, batch: int, seq: int, count: int) -> list[np.ndarray]:
     from data.prepare import ensure_builtin
-    from nanollama_jax.data import Batches
+    from nanollama_jax.input import Batches
 
     data = Batches(ensure_builtin(), seq_len=seq, global_batch=batch, seed=0)
     return [np.minimum(data[k], config.vocab_size - 1) for k in range(count)]

@@ -41,8 +41,8 @@ from typing import Iterator
 
 import numpy as np
 
+from nanollama_base.files import atomic_path
 from nanollama_jax.config import LlamaConfig
-from nanollama_jax.files import atomic_path
 from nanollama_jax.model import Params
 from nanollama_jax.statedict import LAYER_TENSORS, TOP_TENSORS
 
@@ -392,7 +392,7 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv=None):
     from nanollama_jax import checkpoint
-    from nanollama_jax.cli import run_cli
+    from nanollama_base.cli import run_cli
 
     p = _Parser(prog="python -m export.gguf", description=__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -253,7 +253,7 @@ def write_run(path: str | Path, output: str | Path):
 
 
 def main(argv=None):
-    from nanollama_jax.cli import run_cli
+    from nanollama_base.cli import run_cli
 
     p = _Parser(prog="python -m export.gguf_read", description=__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from export.gguf import TOKENIZER_KEY, VOCAB_TENSORS, _Parser, _shape_of, gguf_name, permute_qk
-from nanollama_jax.files import atomic_path
+from nanollama_base.files import atomic_path
 from nanollama_jax.gamma import ARCH_FIELDS, Gamma, load_gamma
 
 EMBED = "tok_embeddings.weight"
@@ -140,7 +140,7 @@ def write_lora(g: Gamma, base_gguf, output, dtype: str = "f32", require_complete
 
 
 def main(argv=None):
-    from nanollama_jax.cli import run_cli
+    from nanollama_base.cli import run_cli
 
     p = _Parser(prog="python -m export.lora", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("gamma", help="gamma .npz (ours, dense or compressed, or the reference's layout)")

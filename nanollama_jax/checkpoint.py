@@ -19,8 +19,9 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
+from nanollama_base.files import atomic_path, sha256_file
+
 from .config import LlamaConfig
-from .files import atomic_path, sha256_file
 from .model import Params, param_shapes
 
 

@@ -279,7 +279,7 @@ def _meta_of(g: Gamma) -> dict:
 
 def save_gamma(g: Gamma, path, layout: str = "ours") -> int:
     """Write atomically; returns the file size in bytes."""
-    from .files import atomic_path
+    from nanollama_base.files import atomic_path
 
     if layout == "ours":
         arrays = {META_KEY: np.array(json.dumps(_meta_of(g)))}
@@ -600,7 +600,7 @@ def personality_loss_fn(config: LlamaConfig, data_dir, seq_len: int, batch_size:
     """A function params -> mean loss on the val split of `data_dir` (fixed batches)."""
     import jax
 
-    from .data import validation_batches
+    from .input import validation_batches
     from .model import cross_entropy, forward
 
     vb = validation_batches(data_dir, seq_len=seq_len, batch_size=batch_size, max_batches=batches)
@@ -710,7 +710,7 @@ def plot_stats(s: dict, output, title: str = "gamma") -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .files import atomic_path
+    from nanollama_base.files import atomic_path
 
     has_ref = "cosine" in s["layers"][0]
     fig, axes = plt.subplots(1, 3 if has_ref else 2, figsize=(15 if has_ref else 10, 4))
@@ -753,7 +753,7 @@ def plot_stats(s: dict, output, title: str = "gamma") -> Path:
 
 def _write_run(out, run, params, **sections):
     from .checkpoint import write_params_run
-    from .files import atomic_dir
+    from nanollama_base.files import atomic_dir
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):
@@ -858,7 +858,7 @@ def _cmd_stats(a):
     png = Path(a.plot) if a.plot else Path(a.gamma).with_suffix(".stats.png")
     plot_stats(s, png, title=f"{Path(a.gamma).name}" + (f" vs {a.reference} − {a.base}" if ref else ""))
     if a.json:
-        from .files import atomic_path
+        from nanollama_base.files import atomic_path
 
         with atomic_path(a.json) as tmp:
             tmp.write_text(json.dumps(s, indent=1) + "\n")
@@ -956,7 +956,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None):
-    from .cli import run_cli
+    from nanollama_base.cli import run_cli
 
     args = build_parser().parse_args(argv)
     run_cli(lambda: args.fn(args))

@@ -94,8 +94,8 @@ def main(argv=None):
     import sentencepiece as spm
 
     from . import checkpoint
-    from .cli import run_cli
-    from .files import atomic_path
+    from nanollama_base.cli import run_cli
+    from nanollama_base.files import atomic_path
 
     p = argparse.ArgumentParser(prog="python -m nanollama_jax.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -8,7 +8,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .files import atomic_path
+from nanollama_base.files import atomic_path
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -48,7 +48,7 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
 
 
 def main(argv=None):
-    from .cli import run_cli
+    from nanollama_base.cli import run_cli
 
     p = argparse.ArgumentParser(prog="python -m nanollama_jax.plot", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

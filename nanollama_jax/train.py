@@ -241,7 +241,7 @@ def global_batch_array(local: np.ndarray, plan: Plan, batch_sh) -> jax.Array:
 
 
 def main(argv=None):
-    from .cli import run_cli
+    from nanollama_base.cli import run_cli
 
     p = argparse.ArgumentParser(prog="python -m nanollama_jax.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -295,7 +295,7 @@ def train(args) -> None:
         dry_run(build_plan(args, config, recipe, dp), mesh, not args.no_compile)
         return
 
-    from . import data as input_data
+    from . import input as input_data
 
     data_dir = Path(args.data) if args.data else None
     if data_dir is None:
