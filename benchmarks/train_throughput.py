@@ -24,7 +24,9 @@ import numpy as np
 from nanollama_jax import optim
 from nanollama_jax.config import LlamaConfig, load_size
 from nanollama_jax.model import init_params
-from nanollama_jax.train import Plan, cpu_gemm_flops, make_train_step
+from nanollama_jax.loop import cpu_gemm_flops
+from nanollama_jax.plan import Plan
+from nanollama_jax.training_setup import make_train_step
 
 RESULTS = Path(__file__).parent / "results"
 THREADS = os.cpu_count() or 1

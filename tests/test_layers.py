@@ -26,7 +26,7 @@ MAX_LINES = 500
 # Temporarily over the limit: each is being split or edited by work in flight (gamma.py becomes a
 # package, issue 13 item 1; the export and Go engine tests are being extended). Remove once split.
 OVER_LIMIT_ALLOWED = {"nanollama_jax/gamma.py", "tests/test_export.py", "tests/test_go_engine.py",
-                      "tests/test_data.py", "nanollama_jax/train.py"}
+                      "tests/test_data.py"}
 
 
 def python_files(folder: str) -> list[Path]:
