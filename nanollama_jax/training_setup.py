@@ -26,9 +26,10 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from . import sharding
+from . import checkpoint, sharding
 from .config import LlamaConfig
 from .model import cross_entropy, forward, param_shapes
+from .optim import learning_rates, make_optimizer
 from .plan import Plan, build_plan
 
 
@@ -84,8 +85,6 @@ class TrainingSetup:
 
     @functools.cached_property
     def optimizer(self) -> optax.GradientTransformation:
-        from .optim import make_optimizer
-
         p = self.plan
         return make_optimizer(self.config, p.steps, kind=p.optimizer, lr_scale=p.lr_scale, warmup=p.warmup,
                               weight_decay=p.weight_decay)
@@ -100,8 +99,6 @@ class TrainingSetup:
 
     def learning_rate(self, step: int) -> float:
         """The hidden matrices' learning rate at `step` (0-based), for logs."""
-        from .optim import learning_rates
-
         p = self.plan
         return learning_rates(self.config, p.steps, step, kind=p.optimizer, lr_scale=p.lr_scale,
                               warmup=p.warmup)["matrix"]
@@ -119,15 +116,11 @@ class TrainingSetup:
         if init_from is None:
             params = sharding.init_sharded(self.config, self.mesh, self.plan.seed, self.param_shardings)
         else:
-            from .checkpoint import load_params
-
-            params = load_params(init_from.dir, init_from.step, shardings=self.param_shardings)[1]
+            params = checkpoint.load_params(init_from.dir, init_from.step, shardings=self.param_shardings)[1]
         return params, jax.jit(self.optimizer.init, out_shardings=self.opt_shardings)(params)
 
     def restore(self, mgr, step: int):
         """(params, opt_state) of a checkpoint, placed on this mesh (any mesh may have saved it)."""
-        from . import checkpoint
-
         params, opt_state, _ = checkpoint.restore(mgr, step, *self.abstract_state())
         return params, opt_state
 
