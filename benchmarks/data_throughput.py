@@ -6,7 +6,7 @@ Measures:
 * preparing the built-in corpus from nothing (``ensure_builtin``, vocab 4096), wall time;
 * tokenisation throughput (tokens/s) of ``data.prepare``'s worker path with 1 and 2
   processes, on the built-in corpus repeated to ~20 MB so pool start-up does not dominate;
-* loader throughput (batches/s and tokens/s) of ``nanollama_jax.data.Batches`` for a few
+* loader throughput (batches/s and tokens/s) of ``nanollama_jax.input.Batches`` for a few
   shapes, plain and with a personality mix, reading random batch indices (as a resumed run
   would) from the memory-mapped shards.
 """
@@ -29,7 +29,7 @@ RESULTS = pathlib.Path("benchmarks") / "results"  # under the working directory,
 
 def bench_prepare_builtin(home: pathlib.Path) -> dict:
     from data.prepare import ensure_builtin
-    from data.format import load_meta
+    from nanollama_base.shards import load_meta
 
     t0 = time.perf_counter()
     path = ensure_builtin(4096, home=home, log=lambda m: None)
@@ -75,18 +75,10 @@ def machine_parallelism(n: int = 5_000_000) -> float:
 
 def bench_tokenize(model: bytes, repeat: int, workers_list) -> list[dict]:
     from data import builtin
-    from data.prepare import CHUNK_CHARS, CHUNK_DOCS, _encode_chunk, _ordered_map
+    from data.encode import document_chunks, encode_chunk, ordered_map
 
     docs = list(builtin.documents()) * repeat
-    chunks, cur, chars = [], [], 0
-    for d in docs:
-        cur.append((d, False, 0))
-        chars += len(d)
-        if chars >= CHUNK_CHARS or len(cur) >= CHUNK_DOCS:
-            chunks.append(cur)
-            cur, chars = [], 0
-    if cur:
-        chunks.append(cur)
+    chunks = list(document_chunks(((d, 0) for d in docs), val_fraction=0.0))
     nbytes = sum(len(d.encode()) for d in docs)
     out = []
     for workers in workers_list:
@@ -94,7 +86,7 @@ def bench_tokenize(model: bytes, repeat: int, workers_list) -> list[dict]:
         for _ in range(2):
             c0 = _cpu()
             t0 = time.perf_counter()
-            tokens = sum(len(r[0]) + len(r[1]) for r in _ordered_map(_encode_chunk, chunks, workers, model))
+            tokens = sum(len(r[0]) + len(r[1]) for r in ordered_map(encode_chunk, chunks, workers, model))
             dt = time.perf_counter() - t0
             cpu = _cpu() - c0
             best = dt if best is None else min(best, dt)
@@ -106,7 +98,7 @@ def bench_tokenize(model: bytes, repeat: int, workers_list) -> list[dict]:
 
 
 def bench_loader(path: pathlib.Path, personality: pathlib.Path) -> list[dict]:
-    from nanollama_jax.data import Batches
+    from nanollama_jax.input import Batches
 
     shapes = [(256, 32, 0.0), (1024, 8, 0.0), (2048, 32, 0.0), (256, 32, 0.2)]
     rng = np.random.default_rng(0)

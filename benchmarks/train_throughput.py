@@ -24,7 +24,9 @@ import numpy as np
 from nanollama_jax import optim
 from nanollama_jax.config import LlamaConfig, load_size
 from nanollama_jax.model import init_params
-from nanollama_jax.train import Plan, cpu_gemm_flops, make_train_step
+from nanollama_jax.loop import cpu_gemm_flops
+from nanollama_jax.plan import Plan
+from nanollama_jax.training_setup import make_train_step
 
 RESULTS = Path("benchmarks") / "results"  # under the working directory, never beside an installed file
 THREADS = os.cpu_count() or 1
@@ -100,7 +102,7 @@ def interleaved_speed(steppers: dict, tokens_per_step: int, rounds: int, warmup:
 
 def make_batches(config: LlamaConfig, batch: int, seq: int, count: int) -> list[np.ndarray]:
     from data.prepare import ensure_builtin
-    from nanollama_jax.data import Batches
+    from nanollama_jax.input import Batches
 
     data = Batches(ensure_builtin(), seq_len=seq, global_batch=batch, seed=0)
     return [np.minimum(data[k], config.vocab_size - 1) for k in range(count)]

@@ -4,7 +4,7 @@
 ``ensure_builtin()`` prepares the built-in default corpus once and returns its folder.
 """
 
-from .format import DataError
+from nanollama_base.shards import DataError
 
 
 def ensure_builtin(vocab_size: int = 4096, **kwargs):

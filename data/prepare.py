@@ -3,7 +3,7 @@
     python -m data.prepare --input my_texts/ --output data/mine --vocab-size 8000
 
 writes ``DIR/tokenizer.model``, ``DIR/train/train_00000.bin …``, ``DIR/val/val_00000.bin …``
-and ``DIR/meta.json`` (see ``data/format.py`` for the format). With no source given it
+and ``DIR/meta.json`` (see ``nanollama_base/shards.py`` for the format). With no source given it
 prepares the built-in default corpus (the Python documentation every installation carries).
 
 Safety: everything is built in a hidden staging folder next to the output and moved into
@@ -15,12 +15,8 @@ is skipped when ``meta.json`` already records them (``--force`` rebuilds).
 from __future__ import annotations
 
 import argparse
-import collections
 import hashlib
-import itertools
 import json
-import math
-import multiprocessing
 import os
 import pathlib
 import secrets
@@ -31,114 +27,25 @@ from typing import Callable
 
 import numpy as np
 
-from nanollama_jax.cli import ArgumentParser, Progress, run_cli
+from nanollama_base.cli import ArgumentParser, Progress, run_cli
+from nanollama_base.files import sha256_file, write_json_atomic
+from nanollama_base.shards import (DEFAULT_SHARD_SIZE, FORMAT_NAME, FORMAT_VERSION, DataError, dtype_for_vocab,
+                                   dtype_name, load_meta, sha256_bytes)
 
 from . import tokenizer as tok
-from .format import (BOS_ID, DEFAULT_SHARD_SIZE, FORMAT_NAME, FORMAT_VERSION, DataError, dtype_for_vocab,
-                     dtype_name, load_meta, sha256_bytes, sha256_file, write_json_atomic)
+from .encode import ShardWriter, document_chunks, encode_chunk, is_val_document, jax_running, ordered_map
 from .sources import PRESETS, BuiltinSource, HFSource, LocalSource, Mixture
 
 DEFAULT_VAL_FRACTION = 0.01
 BUILTIN_VAL_FRACTION = 0.05
 BUILTIN_VOCAB_SIZE = 4096
 DEFAULT_HF_MAX_TOKENS = 100_000_000
-CHUNK_CHARS = 1 << 20
-CHUNK_DOCS = 2048
 SMALL_CORPUS_BYTES = 4 << 20  # below this, tokenise in-process
 
 
 def data_home() -> pathlib.Path:
     """Where cached preparations live: $NANOLLAMA_DATA_HOME or ~/.cache/nanollama-jax."""
     return pathlib.Path(os.environ.get("NANOLLAMA_DATA_HOME") or "~/.cache/nanollama-jax").expanduser()
-
-
-def is_val_document(index: int, fraction: float) -> bool:
-    """Document ``index`` of the stream goes to validation: exactly ``fraction`` of them,
-    evenly spread, starting with document 0 (so any corpus of 2+ documents has a val split)."""
-    if fraction <= 0:
-        return False
-    return math.floor((index + 1) * fraction + 1 - fraction) > math.floor(index * fraction + 1 - fraction)
-
-
-# ---------------------------------------------------------------------------------------
-# Tokenisation workers
-
-_SP = None
-_BOS = BOS_ID
-
-
-def _init_worker(model: bytes) -> None:
-    global _SP, _BOS
-    _SP = tok.load(model)
-    _BOS = _SP.bos_id()
-
-
-def _encode_chunk(chunk: list[tuple[str, bool, int]]):
-    """Encode documents; returns train ids, val ids (BOS before each document) and per-doc stats."""
-    texts = [c[0] for c in chunk]
-    ids = _SP.encode(texts, num_threads=1)
-    n = len(ids)
-    lens = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=n)
-    is_val = np.fromiter((c[1] for c in chunk), dtype=bool, count=n)
-    src = np.fromiter((c[2] for c in chunk), dtype=np.int64, count=n)
-    nbytes = np.fromiter((len(t.encode("utf-8")) for t in texts), dtype=np.int64, count=n)
-    out = []
-    for want_val in (False, True):
-        sel = [x for x, v in zip(ids, is_val) if v == want_val]
-        total = sum(len(x) + 1 for x in sel)
-        arr = np.fromiter(itertools.chain.from_iterable(itertools.chain((_BOS,), x) for x in sel),
-                          dtype=np.uint32, count=total)
-        out.append(arr)
-    return out[0], out[1], lens, is_val, src, nbytes
-
-
-# ---------------------------------------------------------------------------------------
-# Shard writing
-
-class ShardWriter:
-    """Appends tokens to ``folder/{prefix}_00000.bin`` …, ``shard_size`` tokens each. A shard
-    is written under a ``.partial`` name and renamed when full (or at close)."""
-
-    def __init__(self, root: pathlib.Path, split: str, dtype: np.dtype, shard_size: int, vocab_size: int):
-        self.root, self.split, self.dtype = root, split, np.dtype(dtype)
-        self.shard_size, self.vocab_size = shard_size, vocab_size
-        (root / split).mkdir(parents=True, exist_ok=True)
-        self.shards: list[dict] = []
-        self._f = None
-        self._n = 0
-
-    def _path(self, index: int) -> pathlib.Path:
-        return self.root / self.split / f"{self.split}_{index:05d}.bin"
-
-    def write(self, tokens: np.ndarray) -> None:
-        if len(tokens) and int(tokens.max()) >= self.vocab_size:
-            raise DataError(f"{self.root}: token id {int(tokens.max())} >= vocab size {self.vocab_size}")
-        tokens = tokens.astype(self.dtype, copy=False)
-        while len(tokens):
-            if self._f is None:
-                self._f = open(str(self._path(len(self.shards))) + ".partial", "wb")
-                self._n = 0
-            take = min(self.shard_size - self._n, len(tokens))
-            self._f.write(tokens[:take].tobytes())
-            self._n += take
-            tokens = tokens[take:]
-            if self._n == self.shard_size:
-                self._finish()
-
-    def _finish(self) -> None:
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
-        path = self._path(len(self.shards))
-        os.replace(str(path) + ".partial", path)
-        self.shards.append({"file": f"{self.split}/{path.name}", "tokens": self._n})
-        self._f = None
-        self._n = 0
-
-    def close(self) -> list[dict]:
-        if self._f is not None:
-            self._finish()
-        return self.shards
 
 
 # ---------------------------------------------------------------------------------------
@@ -174,46 +81,6 @@ def _fingerprint(mix: Mixture, options: dict) -> tuple[str, list[dict]]:
     return hashlib.sha256(blob).hexdigest(), described
 
 
-def _chunks(mix: Mixture, val_fraction: float):
-    chunk, chars = [], 0
-    for index, (doc, src) in enumerate(mix.documents_tagged()):
-        chunk.append((doc, is_val_document(index, val_fraction), src))
-        chars += len(doc)
-        if chars >= CHUNK_CHARS or len(chunk) >= CHUNK_DOCS:
-            yield chunk
-            chunk, chars = [], 0
-    if chunk:
-        yield chunk
-
-
-def _jax_running() -> bool:
-    """True once JAX has started its runtime (threads) in this process: fork is unsafe then.
-    Merely importing jax (grain does) is fine."""
-    if "jax" not in sys.modules:
-        return False
-    try:
-        from jax._src import xla_bridge
-        return bool(getattr(xla_bridge, "_backends", True))
-    except Exception:  # pragma: no cover - private API moved: be safe
-        return True
-
-
-def _ordered_map(fn, items, workers: int, model: bytes):
-    """map(fn, items) in order, over ``workers`` processes, with a bounded number in flight."""
-    if workers <= 1:
-        _init_worker(model)
-        for item in items:
-            yield fn(item)
-        return
-    ctx = multiprocessing.get_context("fork")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(model,)) as pool:
-        pending = collections.deque()
-        for item in items:
-            pending.append(pool.apply_async(fn, (item,)))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
 
 
 def _build(staging: pathlib.Path, mix: Mixture, *, vocab_size, tokenizer_file, val_fraction, shard_size,
@@ -283,7 +150,7 @@ def _build(staging: pathlib.Path, mix: Mixture, *, vocab_size, tokenizer_file, v
     known = None if None in totals else sum(totals)
     if auto_workers and workers > 1 and known is not None and known < SMALL_CORPUS_BYTES:
         workers = 1  # start-up would cost more than it saves
-    if workers > 1 and _jax_running():
+    if workers > 1 and jax_running():
         log("  (JAX is running in this process, so tokenising in-process: forking it is unsafe)")
         workers = 1
     log(f"Tokenizing with {workers} process{'es' if workers > 1 else ''} "
@@ -291,8 +158,8 @@ def _build(staging: pathlib.Path, mix: Mixture, *, vocab_size, tokenizer_file, v
     t0 = time.time()
     done = 0
     try:
-        for train_ids, val_ids, lens, is_val, src, nbytes in _ordered_map(
-                _encode_chunk, _chunks(mix, val_fraction), workers, model):
+        for train_ids, val_ids, lens, is_val, src, nbytes in ordered_map(
+                encode_chunk, document_chunks(mix.documents_tagged(), val_fraction), workers, model):
             stop = False
             if max_tokens and done + int(lens.sum()) >= max_tokens:
                 keep = int(np.searchsorted(np.cumsum(lens), max_tokens - done)) + 1

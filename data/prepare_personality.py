@@ -23,9 +23,9 @@ import pathlib
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from nanollama_jax.cli import ArgumentParser, run_cli
-
-from .format import DataError, load_meta, sha256_file
+from nanollama_base.cli import ArgumentParser, run_cli
+from nanollama_base.files import sha256_file
+from nanollama_base.shards import DataError, load_meta
 from .prepare import DEFAULT_SHARD_SIZE, prepare
 from .sources import LocalSource, _kind, _open_text, jsonl_objects, split_text_documents
 

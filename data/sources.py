@@ -23,7 +23,7 @@ import pathlib
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from .format import DataError
+from nanollama_base.shards import DataError
 
 MAX_DOC_CHARS = 1_000_000
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text"}

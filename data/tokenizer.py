@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 from typing import Iterable, Iterator
 
-from .format import DataError
+from nanollama_base.shards import DataError
 
 DEFAULT_VOCAB_SIZE = 32000
 

@@ -40,8 +40,8 @@ from typing import Iterator
 
 import numpy as np
 
+from nanollama_base.files import atomic_path
 from nanollama_jax.config import LlamaConfig
-from nanollama_jax.files import atomic_path
 from nanollama_jax.model import Params
 from nanollama_jax.statedict import LAYER_TENSORS, TOP_TENSORS
 
@@ -315,7 +315,7 @@ def write_gguf(params: Params, config: LlamaConfig, tokenizer: str | Path, outpu
     giving a file that runs wrong in llama.cpp: the negative control of the parity test."""
     import gguf
 
-    from nanollama_jax.cli import Progress
+    from nanollama_base.cli import Progress
 
     if dtype not in DTYPE_NAMES:
         raise ValueError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPE_NAMES)}")
@@ -383,7 +383,7 @@ def gguf_shape(sd_name: str, config: LlamaConfig) -> tuple[int, ...]:
 
 def main(argv=None):
     from nanollama_jax import checkpoint
-    from nanollama_jax.cli import ArgumentParser, run_cli
+    from nanollama_base.cli import ArgumentParser, run_cli
 
     p = ArgumentParser(prog="python -m export.gguf", description=__doc__)
     p.add_argument("--checkpoint", required=True, help="a run folder (latest step) or one of its step folders")

@@ -252,7 +252,7 @@ def write_run(path: str | Path, output: str | Path):
 
 
 def main(argv=None):
-    from nanollama_jax.cli import ArgumentParser, run_cli
+    from nanollama_base.cli import ArgumentParser, run_cli
 
     p = ArgumentParser(prog="python -m export.gguf_read", description=__doc__)
     p.add_argument("gguf", help="the .gguf file to read (llama architecture, SentencePiece vocabulary)")

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from nanollama_base.files import atomic_dir
 from nanollama_jax.config import LlamaConfig
-from nanollama_jax.files import atomic_dir
 from nanollama_jax.model import Params
 from nanollama_jax.statedict import from_state_dict, to_state_dict
 
@@ -171,7 +171,7 @@ def load_hf(model_dir: str | Path) -> tuple[LlamaConfig, Params]:
 
 def main(argv=None):
     from nanollama_jax import checkpoint
-    from nanollama_jax.cli import ArgumentParser, run_cli
+    from nanollama_base.cli import ArgumentParser, run_cli
 
     p = ArgumentParser(prog="python -m export.hf", description=__doc__)
     src = p.add_mutually_exclusive_group(required=True)

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from export.gguf import TOKENIZER_KEY, VOCAB_TENSORS, gguf_name, gguf_shape, permute_qk
-from nanollama_jax.files import atomic_path
+from nanollama_base.files import atomic_path
 from nanollama_jax.gamma import ARCH_FIELDS, Gamma, load_gamma
 
 EMBED = "tok_embeddings.weight"
@@ -139,7 +139,7 @@ def write_lora(g: Gamma, base_gguf, output, dtype: str = "f32", require_complete
 
 
 def main(argv=None):
-    from nanollama_jax.cli import ArgumentParser, run_cli
+    from nanollama_base.cli import ArgumentParser, run_cli
 
     p = ArgumentParser(prog="python -m export.lora", description=__doc__)
     p.add_argument("gamma", help="gamma .npz (ours, dense or compressed, or the reference's layout)")

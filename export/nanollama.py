@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from nanollama_base.files import atomic_path
 from nanollama_jax.config import LlamaConfig, round_up
-from nanollama_jax.files import atomic_path
 from nanollama_jax.model import Params
 
 # Every LlamaConfig field of the reference, with its defaults (REFERENCE.md).
@@ -201,7 +201,7 @@ def save_pt(params: Params, config: LlamaConfig, output: str | Path, step: int, 
 
 def main(argv=None):
     from nanollama_jax import checkpoint
-    from nanollama_jax.cli import ArgumentParser, run_cli
+    from nanollama_base.cli import ArgumentParser, run_cli
 
     p = ArgumentParser(prog="python -m export.nanollama", description=__doc__)
     src = p.add_mutually_exclusive_group(required=True)

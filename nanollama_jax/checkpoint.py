@@ -19,9 +19,11 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
+from nanollama_base.files import atomic_path, sha256_file
+
 from .config import LlamaConfig
-from .files import atomic_path, sha256_file
 from .model import Params, param_shapes
+from .sharding import abstract
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,29 @@ def saved_steps(run_dir: str | Path) -> list[int]:
     return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit() and p.is_dir())
 
 
+def resume_step(run_dir: str | Path, resume: bool, config: LlamaConfig, tokenizer: Path, tokenizer_sha256: str,
+                data_fingerprint: str) -> int:
+    """The step a training run starts from: 0 for a new run, its last checkpoint with `resume`.
+    Refuses to overwrite a run, or to resume it with another model, tokenizer or data."""
+    steps = saved_steps(run_dir)
+    if not steps:
+        return 0
+    if not resume:
+        raise ValueError(f"{run_dir} already has checkpoints (steps {steps[0]}…{steps[-1]}); "
+                         "pass --resume to continue it or --model-tag for a new run")
+    run = open_run(run_dir)
+    if run.config != config:
+        diff = [f"{k} {v} → {getattr(config, k)}" for k, v in run.config.to_dict().items() if getattr(config, k) != v]
+        raise ValueError(f"{run_dir}: cannot resume with a different model ({', '.join(diff)})")
+    if run.info.get("tokenizer_sha256") != tokenizer_sha256:
+        raise ValueError(f"{run_dir}: cannot resume with a different tokenizer "
+                         f"({tokenizer} differs from the run's tokenizer.model)")
+    if run.info.get("data", {}).get("fingerprint") != data_fingerprint:
+        raise ValueError(f"{run_dir}: cannot resume with different data (corpus, seed, sequence length, "
+                         "global batch or personality mix differ from the run's)")
+    return steps[-1]
+
+
 def manager(run: Run, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
     return ocp.CheckpointManager(run.checkpoint_dir.resolve(), options=options)
@@ -96,18 +121,14 @@ def save(mgr: ocp.CheckpointManager, step: int, params: Params, meta: dict, opt_
     mgr.save(step, args=ocp.args.Composite(**items))
 
 
-def _abstract(tree, shardings):
-    return jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), tree, shardings)
-
-
-def restore(mgr: ocp.CheckpointManager, step: int, params_like, param_shardings, opt_like=None, opt_shardings=None):
-    """Restore (params, opt_state or None, meta) onto the given shardings (any mesh)."""
-    items = {"params": ocp.args.StandardRestore(_abstract(params_like, param_shardings)),
-             "meta": ocp.args.JsonRestore()}
-    if opt_like is not None:
-        items["opt_state"] = ocp.args.StandardRestore(_abstract(opt_like, opt_shardings))
+def restore(mgr: ocp.CheckpointManager, step: int, params_target, opt_target=None):
+    """Restore (params, opt_state or None, meta) onto the shardings the abstract targets carry
+    (`sharding.abstract`), whatever mesh the checkpoint was saved from."""
+    items = {"params": ocp.args.StandardRestore(params_target), "meta": ocp.args.JsonRestore()}
+    if opt_target is not None:
+        items["opt_state"] = ocp.args.StandardRestore(opt_target)
     out = mgr.restore(step, args=ocp.args.Composite(**items))
-    return out["params"], out.get("opt_state") if opt_like is not None else None, out["meta"]
+    return out["params"], out.get("opt_state") if opt_target is not None else None, out["meta"]
 
 
 def load_params(path: str | Path, step: int | None = None, shardings=None) -> tuple[Run, Params]:
@@ -120,7 +141,7 @@ def load_params(path: str | Path, step: int | None = None, shardings=None) -> tu
         one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree_util.tree_map(lambda _: one, shapes)
     with manager(run, async_save=False) as mgr:
-        params, _, _ = restore(mgr, run.step, shapes, shardings)
+        params, _, _ = restore(mgr, run.step, abstract(shapes, shardings))
     return run, params
 
 

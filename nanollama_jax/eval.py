@@ -123,7 +123,7 @@ def format_table(results: dict) -> str:
 
 
 def main(argv=None):
-    from .cli import ArgumentParser, run_cli
+    from nanollama_base.cli import ArgumentParser, run_cli
 
     p = ArgumentParser(prog="python -m nanollama_jax.eval", description=__doc__)
     p.add_argument("--checkpoint", required=True, help="run folder, run step folder, HF safetensors folder or .gguf")
@@ -148,7 +148,7 @@ def main(argv=None):
 
 
 def evaluate(args) -> None:
-    from .files import atomic_path
+    from nanollama_base.files import atomic_path
     from .scoring import TOKENS_PER_DEVICE, bits_per_byte, evaluate_tasks, text_windows, token_byte_table
     from .tasks import load_tasks
 

@@ -93,8 +93,8 @@ def main(argv=None):
     import sentencepiece as spm
 
     from . import checkpoint
-    from .cli import ArgumentParser, run_cli
-    from .files import atomic_path
+    from nanollama_base.cli import ArgumentParser, run_cli
+    from nanollama_base.files import atomic_path
 
     p = ArgumentParser(prog="python -m nanollama_jax.generate", description=__doc__)
     p.add_argument("--checkpoint", required=True, help="run folder (latest step) or one of its step folders")

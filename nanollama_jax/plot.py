@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .files import atomic_path
+from nanollama_base.files import atomic_path
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -54,7 +54,7 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
 
 
 def main(argv=None):
-    from .cli import ArgumentParser, run_cli
+    from nanollama_base.cli import ArgumentParser, run_cli
 
     p = ArgumentParser(prog="python -m nanollama_jax.plot", description=__doc__)
     p.add_argument("run", help="run folder")

@@ -35,7 +35,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from . import sharding
-from .cli import Progress
+from nanollama_base.cli import Progress
 from .config import LlamaConfig
 from .model import Params, forward
 from .tasks import Row, Task, task_rows

@@ -15,7 +15,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from .config import LlamaConfig
-from .model import Params, init_params, param_logical_axes
+from .model import Params, init_params, param_logical_axes, param_shapes
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +71,34 @@ def mesh_spec(logical: P, shape: tuple[int, ...], mesh: Mesh) -> P:
     return P(*axes)
 
 
-def param_shardings(config: LlamaConfig, mesh: Mesh) -> Params:
-    shapes = jax.eval_shape(lambda: init_params(config))
+def param_shardings(config: LlamaConfig, mesh: Mesh, shapes: Params | None = None) -> Params:
+    """Each parameter's NamedSharding (`shapes`: the params' abstract shapes, when already known)."""
+    shapes = param_shapes(config) if shapes is None else shapes
     logical = param_logical_axes(config)
     return jax.tree_util.tree_map(lambda spec, s: NamedSharding(mesh, mesh_spec(spec, s.shape, mesh)),
                                   logical, shapes, is_leaf=lambda x: isinstance(x, P))
+
+
+def state_shardings(state_shapes, params_shapes: Params, params_shardings: Params, mesh: Mesh):
+    """Shardings for optimizer state: a leaf that mirrors a parameter (same path suffix, same shape:
+    moments, momentum) is sharded like it; anything else (step counts, scalars) is replicated."""
+    by_path = {jax.tree_util.keystr(path): (shape.shape, sh) for (path, shape), sh in zip(
+        jax.tree_util.tree_leaves_with_path(params_shapes), jax.tree_util.tree_leaves(params_shardings))}
+    replicated = NamedSharding(mesh, P())
+
+    def pick(path, leaf):
+        key = jax.tree_util.keystr(path)
+        for param_path, (shape, sh) in by_path.items():
+            if key.endswith(param_path) and shape == leaf.shape:
+                return sh
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, state_shapes)
+
+
+def abstract(shapes, shardings):
+    """ShapeDtypeStructs carrying their shardings: what `jit(...).lower` and orbax restore take."""
+    return jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
 def accum_batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -93,10 +116,11 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P("fsdp", None))
 
 
-def init_sharded(config: LlamaConfig, mesh: Mesh, seed: int = 0) -> Params:
+def init_sharded(config: LlamaConfig, mesh: Mesh, seed: int = 0, shardings: Params | None = None) -> Params:
     """Parameters born sharded: each device computes only its own shards, nothing is
     materialised whole on one device."""
-    return jax.jit(lambda: init_params(config, seed), out_shardings=param_shardings(config, mesh))()
+    shardings = param_shardings(config, mesh) if shardings is None else shardings
+    return jax.jit(lambda: init_params(config, seed), out_shardings=shardings)()
 
 
 def axis_rules():

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from nanollama_jax.cli import Progress, run_cli
+from nanollama_base.cli import Progress, run_cli
 
 USAGE, FAILURE = 2, 1
 

@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from data.format import DataError, dtype_for_vocab, load_meta
-from data.prepare import ensure_builtin, is_val_document, prepare
+from nanollama_base.shards import DataError, dtype_for_vocab, load_meta
+from data.encode import is_val_document
+from data.prepare import ensure_builtin, prepare
 from data.prepare_personality import prepare_personality
 from data.sources import LocalSource
-from nanollama_jax.data import Batches, bytes_per_token, validation_batches
+from nanollama_jax.input import Batches, bytes_per_token, validation_batches
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -181,7 +182,7 @@ def test_nanollama_folder_loads_and_val_never_trains(tmp_path):
     meta = load_meta(ref)
     assert meta["kind"] == "nanollama" and meta["train"]["tokens"] == 6000 and meta["val"]["tokens"] == 3000
     import grain
-    from nanollama_jax.data import TokenWindows
+    from nanollama_jax.input import TokenWindows
 
     win = TokenWindows(meta["train"]["shards"], meta["dtype"], 64)
     assert isinstance(win, grain.sources.RandomAccessDataSource)
@@ -249,7 +250,7 @@ def test_our_val_split_never_trains(tmp_path):
 def test_same_seed_same_batch_in_fresh_process(prepared):
     code = textwrap.dedent(f"""
         import hashlib, sys
-        from nanollama_jax.data import Batches
+        from nanollama_jax.input import Batches
         b = Batches({str(prepared)!r}, seq_len=32, global_batch=6, seed=11)
         print(hashlib.sha256(b[123].tobytes()).hexdigest(), b.fingerprint)
     """)

@@ -96,7 +96,7 @@ def train(config, batches, seed=0, steps=STEPS):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, corpora):
     """base, personality (same seed), and a second base seed (the reference delta for stats)."""
-    from nanollama_jax.data import Batches
+    from nanollama_jax.input import Batches
 
     base_dir, pers_dir = corpora
     meta = json.loads((base_dir / "meta.json").read_text())

@@ -12,10 +12,12 @@ import numpy as np
 import optax
 import pytest
 
-from nanollama_jax import checkpoint, optim, train
+from nanollama_jax import checkpoint, optim, sharding, train
 from nanollama_jax.config import load_size
 from nanollama_jax.generate import generate, prompt_logits
 from nanollama_jax.model import forward, init_params
+from nanollama_jax.plan import Plan
+from nanollama_jax.training_setup import TrainingSetup
 
 PICO = ["--size", "pico", "--log-every", "100", "--sample-every", "10", "--eval-batches", "1"]
 
@@ -58,12 +60,8 @@ def test_sharded_training_equals_single_device(tmp_path, text_data, straight, me
 
 
 def test_state_is_distributed():
-    plan = train.Plan(load_size("pico")[0], 20, 2, 64, 2, 4, 1, 0, "muon", 1.0, 0.0)
-    from nanollama_jax import sharding
-
-    mesh = sharding.make_mesh("4x1")
-    tx = optim.make_optimizer(plan.config, plan.steps)
-    _, p_sh, o_shapes, o_sh = train.state_shardings(plan, tx, mesh)
+    setup = TrainingSetup(Plan(load_size("pico")[0], 20, 2, 64, 2, 4, 1, 0, "muon", 1.0, 0.0), sharding.make_mesh("4x1"))
+    p_sh, o_sh = setup.param_shardings, setup.opt_shardings
     assert p_sh["layers"]["ffn"]["up_proj"]["kernel"].spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
     moments = [sh.spec for path, sh in jax.tree_util.tree_leaves_with_path(o_sh)
                if "up_proj" in jax.tree_util.keystr(path) and sh.spec != jax.sharding.PartitionSpec()]

@@ -52,7 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cli import ArgumentParser, run_cli
+from nanollama_base.cli import ArgumentParser, run_cli
 from .compat import check_compatible, gamma_side, load_state, run_side
 from .compress import GROUPS, compress, fidelity, parse_spec, personality_loss_fn
 from .layouts import load_gamma, save_gamma

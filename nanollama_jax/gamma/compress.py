@@ -115,8 +115,8 @@ def personality_loss_fn(config: LlamaConfig, data_dir, seq_len: int, batch_size:
 
     import jax
 
-    from ..data import validation_batches
-    from ..train import next_token_loss  # imported here: only the fidelity report needs training's code
+    from ..input import validation_batches
+    from ..training_setup import next_token_loss  # imported here: only the fidelity report needs training's code
 
     vb = validation_batches(data_dir, seq_len=seq_len, batch_size=batch_size, max_batches=batches)
     loss = jax.jit(functools.partial(next_token_loss, config=config))

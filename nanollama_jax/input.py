@@ -34,15 +34,9 @@ import pathlib
 import grain
 import numpy as np
 
-from data.format import DataError, load_meta as _load_meta
+from nanollama_base.shards import DataError, load_meta
 
 __all__ = ["Batches", "DataError", "TokenWindows", "bytes_per_token", "load_meta", "validation_batches"]
-
-
-def load_meta(data_dir) -> dict:
-    """Normalised view of a data folder's meta.json (ours or nanollama's); see
-    ``data.format.load_meta``. Raises DataError naming the file if missing or corrupt."""
-    return _load_meta(data_dir)
 
 
 class TokenWindows:

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 
 @contextlib.contextmanager
@@ -38,6 +40,18 @@ def atomic_dir(path: str | os.PathLike):
             os.replace(item, path / item.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """JSON (sorted keys, indented) written to a temporary name, fsynced, then renamed into place:
+    a reader sees the old file or the whole new one, even after a crash."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide meta.json from other users of a shared folder
 
 
 def sha256_file(path: str | os.PathLike) -> str:

@@ -1,5 +1,5 @@
 """The on-disk shard format, shared by the writers (``data.prepare``) and the reader
-(``nanollama_jax.data``).
+(``nanollama_jax.input``).
 
 A prepared data folder looks like::
 
@@ -22,12 +22,10 @@ import hashlib
 import json
 import os
 import pathlib
-import tempfile
-from typing import Any
 
 import numpy as np
 
-from nanollama_jax.files import sha256_file  # noqa: F401  (re-exported for data/)
+from .files import sha256_file
 
 FORMAT_NAME = "nanollama-jax-shards"
 FORMAT_VERSION = 1
@@ -60,26 +58,6 @@ def parse_dtype(name: str, where: str) -> np.dtype:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON to a temporary name in the same folder, fsync, then rename into place."""
-    path = pathlib.Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def read_json(path: pathlib.Path) -> dict:

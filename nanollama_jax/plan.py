@@ -1,0 +1,84 @@
+"""What one optimizer step is made of: the model config as trained, batch geometry, accumulation,
+steps and schedule, derived once from a size's recipe and whatever the user overrode."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+from .config import LlamaConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Everything derived from the flags: what one optimizer step is made of."""
+
+    config: LlamaConfig
+    steps: int
+    warmup: int
+    seq_len: int
+    batch_size: int  # rows per data-parallel shard per micro-step
+    data_parallel: int
+    accum: int
+    seed: int
+    optimizer: str
+    lr_scale: float
+    weight_decay: float
+
+    @property
+    def micro_batch(self) -> int:
+        return self.batch_size * self.data_parallel
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.accum
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch * self.seq_len
+
+    def settings(self) -> dict:
+        """The plan without the model config (which a run records on its own), for config.json."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "config"}
+
+    def describe(self, placement: str) -> str:
+        """The plan in a few lines; `placement` says where it runs (the mesh)."""
+        c = self.config
+        return "\n".join([
+            f"model: {c.n_layer} layers, d {c.n_embd}, {c.n_head} heads ({c.n_kv_head} kv), ffn {c.ffn_hidden}, "
+            f"vocab {c.vocab_size} (padded {c.padded_vocab}), context {c.sequence_len}, dtype {c.dtype}, remat {c.remat}",
+            f"{c.param_count():,} parameters",
+            f"FLOPs/token: {c.flops_per_token(self.seq_len):.4g} (causal; nanollama's non-causal figure "
+            f"{c.flops_per_token(self.seq_len, causal=False):.4g})",
+            placement,
+            f"batch: {self.batch_size} rows x {self.data_parallel} data-parallel x {self.accum} accumulation "
+            f"= {self.global_batch} sequences of {self.seq_len} = {self.tokens_per_step:,} tokens per step",
+            f"steps: {self.steps} (warmup {self.warmup}, decay from {self.steps // 2}), optimizer {self.optimizer}, "
+            f"lr scale {self.lr_scale}",
+        ])
+
+
+def default_dtype() -> str:
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def build_plan(config: LlamaConfig, recipe: dict, data_parallel: int, *, seq_len: int | None = None,
+               batch_size: int | None = None, tokens_per_step: int | None = None, steps: int | None = None,
+               dtype: str | None = None, remat: str | None = None, seed: int = 0, optimizer: str = "muon",
+               lr_scale: float = 1.0) -> Plan:
+    """The plan from a size's recipe (configs/<size>.json) with the given overrides (None: the
+    recipe's value). Accumulation makes up the tokens per step that one micro-batch does not hold."""
+    seq_len = seq_len or config.sequence_len
+    config = dataclasses.replace(config, sequence_len=seq_len, dtype=dtype or default_dtype(),
+                                 remat=remat or config.remat)
+    batch_size = batch_size or recipe.get("batch_size", 32)
+    micro = batch_size * data_parallel * seq_len
+    tokens = tokens_per_step or recipe.get("tokens_per_step", 524288)
+    accum = max(1, tokens // micro)
+    if tokens > micro and tokens % micro:
+        raise ValueError(f"--tokens-per-step {tokens} is not a multiple of batch {batch_size} x data-parallel "
+                         f"{data_parallel} x seq {seq_len} = {micro} tokens; try --tokens-per-step {accum * micro}")
+    steps = steps or recipe.get("steps") or max(1000, 10 * config.param_count() // (accum * micro))
+    warmup = min(recipe.get("warmup_steps", 100), max(1, steps // 10))
+    return Plan(config, steps, warmup, seq_len, batch_size, data_parallel, accum, seed, optimizer, lr_scale,
+                recipe.get("weight_decay", 0.0))
