@@ -2,16 +2,17 @@
 and bits per byte on held-out text.
 
     python -m nanollama_jax.eval --checkpoint runs/nano --tasks eval_bundle
-    python -m nanollama_jax.eval --checkpoint hf/nano --tasks my_tasks/ --num-fewshot 3 --max-items 200
-    python -m nanollama_jax.eval --checkpoint nano-q8_0.gguf --tasks arc_easy.jsonl --scoring sum
+    python -m nanollama_jax.eval --checkpoint runs/chat --tasks my_tasks/ --num-fewshot 3 --max-items 200
+    python -m nanollama_jax.eval --checkpoint runs/nano/checkpoints/2000 --tasks arc_easy.jsonl --scoring sum
     python -m nanollama_jax.eval --checkpoint runs/nano --bpb-text held_out.txt
 
---checkpoint takes a run folder (latest step) or one of its step folders, a Hugging Face
-LlamaForCausalLM folder (config.json + *.safetensors + tokenizer.model), or a GGUF file.
+--checkpoint takes a run folder (latest step) or one of its step folders: pretrained, fine-tuned,
+or imported (`python -m export.hf --from-hf DIR --output runs/x`, `python -m export.gguf_read
+m.gguf --output runs/x`).
 --tasks takes an eval bundle (the folder holding core.yaml, eval_meta_data.csv and eval_data/;
 nanochat's CORE uses the DCLM one), a folder of task JSONL files, or JSONL files; see
-nanollama_jax/tasks.py for the formats. Results go to a JSON file (default: RUN/eval/step_N.json
-for a run, NAME.eval.json here otherwise) and are printed as a table.
+nanollama_jax/tasks.py for the formats. Results go to a JSON file (default: RUN/eval/step_N.json) and are
+printed as a table.
 """
 from __future__ import annotations
 
@@ -50,47 +51,34 @@ def _sentencepiece(model: bytes | Path, where: str):
 
 
 def load_any(path: str | Path, mesh, *, tokenizer: str | None = None, dtype: str | None = None) -> LoadedModel:
-    """A run folder or step folder, an HF safetensors folder, or a GGUF file, with its params placed
-    on the mesh (sharded like training) and its SentencePiece tokenizer."""
+    """A run folder or one of its step folders (pretrained, fine-tuned, imported from HF with
+    `export.hf --from-hf`, read back from a GGUF with `export.gguf_read`), with its params placed on
+    the mesh (sharded like training) and its SentencePiece tokenizer. Reading other formats belongs
+    to export/, which sits above this layer: an HF folder or a GGUF is refused with the import command."""
+    from . import checkpoint
+
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such run, model folder or GGUF file")
-    if path.is_file():
-        if path.suffix != ".gguf":
-            raise ValueError(f"{path}: not a GGUF file; --checkpoint takes a run folder, an HF folder or a .gguf")
-        from export.gguf_read import read_gguf
-
-        config, params, tok = read_gguf(path)
-        sp = _sentencepiece(Path(tokenizer).read_bytes() if tokenizer else tok, tokenizer or str(path))
-        source = {"kind": "gguf", "path": str(path.resolve())}
-    elif _is_hf_folder(path):
-        from export.hf import load_hf
-
-        config, params = load_hf(path)
-        tok = Path(tokenizer) if tokenizer else path / "tokenizer.model"
-        if not tok.is_file():
-            raise ValueError(f"{tok}: no SentencePiece tokenizer beside the HF weights; pass --tokenizer FILE")
-        sp = _sentencepiece(tok, str(tok))
-        source = {"kind": "hf", "path": str(path.resolve())}
-    else:
-        from . import checkpoint
-
-        run = checkpoint.open_run(path)
-        if run.step is None:
-            raise ValueError(f"{run.dir}: the run has no checkpoint yet")
-        config = run.config
-        _, params = checkpoint.load_params(run.dir, run.step, shardings=sharding.param_shardings(config, mesh))
-        tok = Path(tokenizer) if tokenizer else run.tokenizer_path
-        sp = _sentencepiece(tok, str(tok))
-        source = {"kind": "run", "path": str(run.dir.resolve()), "step": run.step}
+        raise FileNotFoundError(f"{path}: no such run")
+    if path.suffix == ".gguf":
+        raise ValueError(f"{path}: a GGUF file; read it into a run first: python -m export.gguf_read {path} "
+                         f"--output runs/{path.stem}")
+    if _is_hf_folder(path):
+        raise ValueError(f"{path}: a Hugging Face model folder; import it as a run first: python -m export.hf "
+                         f"--from-hf {path} --output runs/{path.name}")
+    run = checkpoint.open_run(path)
+    if run.step is None:
+        raise ValueError(f"{run.dir}: the run has no checkpoint yet")
+    config = run.config
+    _, params = checkpoint.load_params(run.dir, run.step, shardings=sharding.param_shardings(config, mesh))
+    tok = Path(tokenizer) if tokenizer else run.tokenizer_path
+    sp = _sentencepiece(tok, str(tok))
     if sp.get_piece_size() != config.vocab_size:
         raise ValueError(f"{path}: the tokenizer has {sp.get_piece_size()} pieces but the model's vocabulary "
                          f"is {config.vocab_size}")
     if dtype:
         config = dataclasses.replace(config, dtype=dtype)
-    if source["kind"] != "run":
-        params = sharding.shard_like(params, sharding.param_shardings(config, mesh))
-    return LoadedModel(config, params, sp, source)
+    return LoadedModel(config, params, sp, {"kind": "run", "path": str(run.dir.resolve()), "step": run.step})
 
 
 def _is_hf_folder(path: Path) -> bool:
@@ -104,9 +92,7 @@ def _is_hf_folder(path: Path) -> bool:
 
 
 def default_output(source: dict) -> Path:
-    if source["kind"] == "run":
-        return Path(source["path"]) / "eval" / f"step_{source['step']}.json"
-    return Path(f"{Path(source['path']).stem}.eval.json")
+    return Path(source["path"]) / "eval" / f"step_{source['step']}.json"
 
 
 def format_table(results: dict) -> str:
@@ -126,7 +112,7 @@ def main(argv=None):
     from nanollama_base.cli import ArgumentParser, run_cli
 
     p = ArgumentParser(prog="python -m nanollama_jax.eval", description=__doc__)
-    p.add_argument("--checkpoint", required=True, help="run folder, run step folder, HF safetensors folder or .gguf")
+    p.add_argument("--checkpoint", required=True, help="run folder or one of its step folders")
     p.add_argument("--tasks", nargs="+", help="eval bundle folder or core.yaml, folders of .jsonl tasks, .jsonl files")
     p.add_argument("--bpb-text", nargs="+", help="UTF-8 text files (one document each) to measure bits per byte on")
     p.add_argument("--max-items", type=int, help="items per task (the first of each task's fixed shuffle)")
@@ -141,7 +127,7 @@ def main(argv=None):
     p.add_argument("--dtype", choices=DTYPES, help="compute dtype (default: the model's)")
     p.add_argument("--tokenizer", help="a SentencePiece tokenizer.model to use instead of the model's own")
     p.add_argument("--details", action="store_true", help="record every item's gold, prediction and option scores")
-    p.add_argument("--output", help="results JSON (default: RUN/eval/step_N.json, or NAME.eval.json here)")
+    p.add_argument("--output", help="results JSON (default: RUN/eval/step_N.json)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     run_cli(p.prog, lambda: evaluate(args))

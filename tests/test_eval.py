@@ -249,21 +249,30 @@ def check_scores(out, tasks, sp, config, params, scoring):
 
 
 def test_any_model_source_gives_the_same_scores(tmp_path, task_dir, tokenizer_file, sp, config, params, mesh):
+    """A run, the same weights imported from its HF export and read back from its F32 GGUF score alike;
+    an HF folder or a GGUF given directly is refused with the import command (export/ sits above eval)."""
     from export.gguf import write_gguf
-    from export.hf import save_hf
+    from export.gguf_read import write_run
+    from export.hf import load_hf, save_hf
     from nanollama_jax.eval import load_any
 
     checkpoint.write_params_run(tmp_path / "run", config, params, tokenizer_file, step=3)
     save_hf(params, config, tmp_path / "hf", tokenizer_file)
     write_gguf(params, config, tokenizer_file, tmp_path / "m.gguf", "f32", progress=False)
+    checkpoint.write_params_run(tmp_path / "from-hf", *load_hf(tmp_path / "hf"), tokenizer_file)
+    write_run(tmp_path / "m.gguf", tmp_path / "from-gguf")
+    for direct, command in (("hf", "export.hf --from-hf"), ("m.gguf", "export.gguf_read")):
+        with pytest.raises(ValueError, match=command):
+            load_any(tmp_path / direct, mesh)
     tasks = T.load_tasks([task_dir / "mc.jsonl"])
     scores = {}
-    for name in ("run", "hf", "m.gguf"):
+    for name in ("run", "from-hf", "from-gguf"):
         m = load_any(tmp_path / name, mesh)
         assert m.config.vocab_size == VOCAB and m.tokenizer.serialized_model_proto() == sp.serialized_model_proto()
         res = evaluate_tasks(m.params, m.config, m.tokenizer, tasks, mesh=mesh, details=True)
         scores[name] = [d["scores"] for d in res["tasks"]["mc"]["details"]]
-    assert np.allclose(scores["run"], scores["hf"], atol=1e-6) and np.allclose(scores["run"], scores["m.gguf"], atol=1e-5)
+    assert np.allclose(scores["run"], scores["from-hf"], atol=1e-6)
+    assert np.allclose(scores["run"], scores["from-gguf"], atol=1e-5)
     assert load_any(tmp_path / "run" / "checkpoints" / "3", mesh).source["step"] == 3
 
 
@@ -286,7 +295,7 @@ def test_bad_task_file_is_one_clear_line(tmp_path, tokenizer_file, config, param
     assert out.returncode == 1
     assert out.stderr.strip().splitlines() == [f"nanollama_jax.eval: {bad}:2: 'gold' must be an index into 'choices' (0..2), got 3"]
     out = run_eval("--checkpoint", tmp_path / "nope", "--tasks", write_jsonl(tmp_path / "good.jsonl", MC))
-    assert out.returncode == 1 and out.stderr.strip() == f"nanollama_jax.eval: {tmp_path / 'nope'}: no such run, model folder or GGUF file"
+    assert out.returncode == 1 and out.stderr.strip() == f"nanollama_jax.eval: {tmp_path / 'nope'}: no such run"
     assert not list(tmp_path.glob("*.json")) and not (tmp_path / "run" / "eval").exists()
 
 
@@ -311,8 +320,9 @@ def test_accuracy_equals_lm_evaluation_harness(tmp_path, tokenizer_file, sp, con
     from export.hf import save_hf
 
     save_hf(params, config, tmp_path / "hf", tokenizer_file)
+    checkpoint.write_params_run(tmp_path / "run", config, params, tokenizer_file)
     items = write_jsonl(tmp_path / "cross.jsonl", CROSS_ITEMS)
-    ours = run_eval("--checkpoint", tmp_path / "hf", "--tasks", items, "--scoring", "sum", "--details",
+    ours = run_eval("--checkpoint", tmp_path / "run", "--tasks", items, "--scoring", "sum", "--details",
                     "--output", tmp_path / "ours.json", "--quiet", "--batch-size", "4")
     assert ours.returncode == 0, ours.stderr
     assert "cross" in ours.stdout and "mean centred accuracy" in ours.stdout
