@@ -28,7 +28,8 @@ import optax
 
 from . import checkpoint, sharding
 from .config import LlamaConfig, load_size, size_names
-from .model import cross_entropy, forward, param_shapes
+from . import model
+from .model import param_shapes
 
 # Dense bf16 peak FLOP/s per device, by device kind (substring match), for MFU.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12,
@@ -91,8 +92,8 @@ def cpu_gemm_flops(n: int = 1024) -> float:
 
 
 def next_token_loss(params, tokens, config: LlamaConfig):
-    """Mean cross-entropy of predicting tokens[:, 1:] from tokens[:, :-1]."""
-    return cross_entropy(forward(params, tokens[:, :-1], config), tokens[:, 1:])
+    """Mean cross-entropy of predicting tokens[:, 1:] from tokens[:, :-1] (chunked: model.py)."""
+    return model.next_token_loss(params, tokens, config)
 
 
 def make_train_step(plan: Plan, tx: optax.GradientTransformation):
