@@ -102,6 +102,14 @@ REMAT_POLICIES = ("none", "dots", "qkv", "full")
 ATTENTION_KINDS = ("auto", "xla", "cudnn")
 
 
+def default_remat(dtype: str) -> str:
+    """The remat policy when none is asked for. bfloat16 is the accelerator dtype (the default on
+    GPU/TPU), so it brings the accelerator default: `qkv` keeps only q, k, v and the attention output
+    of each layer, which fits every named size's recipe in an 80 GB device (README: memory);
+    float32, the CPU default, keeps every activation: memory is plentiful there and recomputing costs time."""
+    return "qkv" if dtype == "bfloat16" else "none"
+
+
 def size_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("configs").iterdir() if p.name.endswith(".json"))
 

@@ -26,10 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from . import checkpoint, sharding
-from .config import LlamaConfig, load_size, size_names
-from . import model
-from .model import param_shapes
+from . import checkpoint, model, sharding
+from .config import REMAT_POLICIES, LlamaConfig, default_remat, load_size, size_names
+from .model import attention_implementation, param_shapes
 
 # Dense bf16 peak FLOP/s per device, by device kind (substring match), for MFU.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12,
@@ -134,8 +133,8 @@ def state_shardings(plan: Plan, tx, mesh):
 
 def build_plan(args, config: LlamaConfig, recipe: dict, data_parallel: int) -> Plan:
     seq_len = args.seq_len or config.sequence_len
-    config = dataclasses.replace(config, sequence_len=seq_len, dtype=args.dtype or default_dtype(),
-                                 remat=args.remat or config.remat)
+    dtype = args.dtype or default_dtype()
+    config = dataclasses.replace(config, sequence_len=seq_len, dtype=dtype, remat=args.remat or default_remat(dtype))
     batch_size = args.batch_size or recipe.get("batch_size", 32)
     micro = batch_size * data_parallel * seq_len
     tokens = args.tokens_per_step or recipe.get("tokens_per_step", 524288)
@@ -157,7 +156,8 @@ def describe_plan(plan: Plan, mesh) -> str:
     c = plan.config
     return "\n".join([
         f"model: {c.n_layer} layers, d {c.n_embd}, {c.n_head} heads ({c.n_kv_head} kv), ffn {c.ffn_hidden}, "
-        f"vocab {c.vocab_size} (padded {c.padded_vocab}), context {c.sequence_len}, dtype {c.dtype}, remat {c.remat}",
+        f"vocab {c.vocab_size} (padded {c.padded_vocab}), context {c.sequence_len}, dtype {c.dtype}, remat {c.remat}"
+        f"{f' (the {c.dtype} default)' if c.remat == default_remat(c.dtype) else ''}, attention {attention_implementation(c)}",
         f"{c.param_count():,} parameters",
         f"FLOPs/token: {c.flops_per_token(plan.seq_len):.4g} (causal; nanollama's non-causal figure "
         f"{c.flops_per_token(plan.seq_len, causal=False):.4g})",
@@ -261,7 +261,8 @@ def main(argv=None):
     p.add_argument("--optimizer", choices=("muon", "adamw"), default="muon")
     p.add_argument("--lr-scale", type=float, default=1.0, help="multiplies every group's learning rate")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="compute dtype (default bf16 on GPU/TPU, fp32 on CPU)")
-    p.add_argument("--remat", choices=("none", "dots", "full"), help="activation rematerialisation policy")
+    p.add_argument("--remat", choices=REMAT_POLICIES, help="activation rematerialisation policy (default: qkv with "
+                   "bfloat16, the accelerator default that fits every size in 80 GB; none with float32)")
     p.add_argument("--seed", type=int, default=0, help="init and data order (default 0)")
     p.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
     p.add_argument("--init-from", help="start from another run's weights (an import, a GGUF read back, an "
