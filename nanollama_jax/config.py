@@ -41,7 +41,7 @@ class LlamaConfig:
     # rematerialisation policy and the attention kernel. remat and attention change how the same
     # numbers are computed, not the run: compare=False, so a resume may change them.
     dtype: str = "float32"
-    remat: str = field(default="none", compare=False)  # none | dots | full | qkv
+    remat: str = field(default="none", compare=False)  # none | dots | qkv | full
     attention: str = field(default="auto", compare=False)  # auto | xla | cudnn
 
     def __post_init__(self):
