@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 
 HEAD_DIM = 64
@@ -33,9 +33,16 @@ class LlamaConfig:
     # Extensions that llama.cpp cannot run; off by default.
     use_qk_norm: bool = False
     softcap: float = 0.0
-    # Execution: compute dtype (params stay float32) and the rematerialisation policy.
+    # Packed documents: a token attends only within its own document, documents starting at
+    # `bos_id` inside a window (positions stay global: RoPE only sees relative distances).
+    doc_mask: bool = False
+    bos_id: int = 1
+    # Execution: compute dtype (params stay float32; model.py states the precision policy), the
+    # rematerialisation policy and the attention kernel. remat and attention change how the same
+    # numbers are computed, not the run: compare=False, so a resume may change them.
     dtype: str = "float32"
-    remat: str = "none"  # none | dots | full
+    remat: str = field(default="none", compare=False)  # none | dots | qkv | full
+    attention: str = field(default="auto", compare=False)  # auto | xla | cudnn
 
     def __post_init__(self):
         if self.n_head % self.n_kv_head:
@@ -44,6 +51,13 @@ class LlamaConfig:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {', '.join(REMAT_POLICIES)}, got {self.remat!r}")
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_KINDS)}, got {self.attention!r}")
+        if self.dtype == "float16":
+            raise ValueError("dtype float16 is not supported (it needs loss scaling, which nanollama-jax does not "
+                             "do): use bfloat16, same speed and float32's range")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
 
     @property
     def ffn_hidden(self) -> int:
@@ -84,7 +98,16 @@ class LlamaConfig:
         return cls(**d)
 
 
-REMAT_POLICIES = ("none", "dots", "full")
+REMAT_POLICIES = ("none", "dots", "qkv", "full")
+ATTENTION_KINDS = ("auto", "xla", "cudnn")
+
+
+def default_remat(dtype: str) -> str:
+    """The remat policy when none is asked for. bfloat16 is the accelerator dtype (the default on
+    GPU/TPU), so it brings the accelerator default: `qkv` keeps only q, k, v and the attention output
+    of each layer, which fits every named size's recipe in an 80 GB device (README: memory);
+    float32, the CPU default, keeps every activation: memory is plentiful there and recomputing costs time."""
+    return "qkv" if dtype == "bfloat16" else "none"
 
 
 def size_names() -> list[str]:

@@ -14,9 +14,21 @@ to the device mesh. The param pytree (kernels are [in, out], torch's transpose):
     layers/ffn/down_proj/kernel       [layers, mlp, embed]
     norm/scale                        [embed]
     output/kernel                     [embed, vocab]
+
+Precision policy (what torch autocast does, stated once): parameters and optimizer state are
+float32; matmuls (projections, attention scores and values, the output head) run in the compute
+dtype `config.dtype` (bfloat16 on accelerators); the residual stream carried between layers, the
+embedding lookup, RMSNorm, the attention softmax and the loss are float32. float16 is refused
+(config.py): it would need loss scaling.
+
+Attention runs through `jax.nn.dot_product_attention`: cuDNN's flash kernel on a GPU in bfloat16,
+XLA's elsewhere (`attention_implementation`). With `config.doc_mask`, packed documents (each
+starting with BOS inside a window) do not see each other.
 """
 from __future__ import annotations
 
+import functools
+import logging
 import math
 from typing import Any
 
@@ -24,15 +36,23 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from jax.ad_checkpoint import checkpoint_name
 
 from .config import LlamaConfig
 
 Params = dict[str, Any]
+log = logging.getLogger(__name__)
 
+# What the backward pass keeps of each layer's forward; the rest is recomputed.
 REMAT = {
     "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    # only the q/k/v projections and the attention output (the attention is the dearest to redo):
+    # the FFN, whose [tokens, mlp] activations are the largest, is recomputed.
+    "qkv": jax.checkpoint_policies.save_only_these_names("q", "k", "v", "attn_out"),
     "full": jax.checkpoint_policies.nothing_saveable,
 }
+# Token positions per chunk of the loss: [batch rows, LOSS_CHUNK, vocab] float32 logits at a time.
+LOSS_CHUNK = 256
 
 
 def uniform_fan_in(d: int):
@@ -61,15 +81,50 @@ def rms_norm(x: jax.Array, eps: float) -> jax.Array:
     return x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Half-split rotary embedding (dimension i pairs with i + hd/2), tables in float32.
-    x: [B, T, N, hd]; positions: [B, T]."""
-    hd = x.shape[-1]
-    inv_freq = theta ** (-jnp.arange(0, hd, 2, dtype=jnp.float32) / hd)
+def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos and sin of the rotary angles, float32 [B, T, 1, hd/2]; built once per forward."""
+    inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, hd/2]
-    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+    return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+
+
+def rope(x: jax.Array, tables: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Half-split rotary embedding (dimension i pairs with i + hd/2), in float32. x: [B, T, N, hd]."""
+    cos, sin = tables
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def attention_implementation(config: LlamaConfig) -> str:
+    """cuDNN flash attention on a GPU in bfloat16 (its kernels need 16-bit inputs), XLA elsewhere;
+    `config.attention` forces one. The choice is logged once per (platform, dtype, setting)."""
+    platform = jax.default_backend()
+    if config.attention != "auto":
+        kind = config.attention
+    else:
+        kind = "cudnn" if platform == "gpu" and config.dtype == "bfloat16" else "xla"
+    _log_attention(kind, platform, config.dtype, config.attention)
+    return kind
+
+
+@functools.lru_cache(maxsize=None)
+def _log_attention(kind: str, platform: str, dtype: str, setting: str) -> None:
+    log.info("attention: %s (platform %s, dtype %s, --attention %s)", kind, platform, dtype, setting)
+
+
+def document_ids(tokens: jax.Array, bos_id: int) -> jax.Array:
+    """[B, T] index of the document each token belongs to: it grows at every BOS. Tokens before the
+    window's first BOS (the tail of a document cut by the window) form document 0."""
+    return jnp.cumsum(tokens == bos_id, axis=1, dtype=jnp.int32)
+
+
+def attend(q, k, v, segment_ids: jax.Array | None, implementation: str) -> jax.Array:
+    """Causal attention, GQA handled by jax; with segment_ids [B, T] a token sees only earlier tokens
+    of its own segment. cuDNN turns the mask into a bias and keeps its fused kernel."""
+    mask = None
+    if segment_ids is not None:
+        mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # [B, 1, T, S]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=implementation)
 
 
 class RMSNorm(nn.Module):
@@ -92,21 +147,21 @@ class Attention(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, positions, cache, cache_start):
+    def __call__(self, x, tables, segment_ids, cache, cache_start):
         c = self.config
         dt = jnp.dtype(c.dtype)
         init = uniform_fan_in(c.n_embd)
-        b, t = positions.shape
-        q = dense(c.n_head * c.head_dim, ("embed", "heads"), init, dt, "c_q")(x)
-        k = dense(c.n_kv_head * c.head_dim, ("embed", "kv_heads"), init, dt, "c_k")(x)
-        v = dense(c.n_kv_head * c.head_dim, ("embed", "kv_heads"), init, dt, "c_v")(x)
-        q = rope(q.reshape(b, t, c.n_head, c.head_dim), positions, c.rope_theta)
-        k = rope(k.reshape(b, t, c.n_kv_head, c.head_dim), positions, c.rope_theta)
+        b, t = tables[0].shape[:2]
+        q = checkpoint_name(dense(c.n_head * c.head_dim, ("embed", "heads"), init, dt, "c_q")(x), "q")
+        k = checkpoint_name(dense(c.n_kv_head * c.head_dim, ("embed", "kv_heads"), init, dt, "c_k")(x), "k")
+        v = checkpoint_name(dense(c.n_kv_head * c.head_dim, ("embed", "kv_heads"), init, dt, "c_v")(x), "v")
+        q = rope(q.reshape(b, t, c.n_head, c.head_dim), tables)
+        k = rope(k.reshape(b, t, c.n_kv_head, c.head_dim), tables)
         v = v.reshape(b, t, c.n_kv_head, c.head_dim)
         if c.use_qk_norm:
             q, k = rms_norm(q, c.norm_eps).astype(dt), rms_norm(k, c.norm_eps).astype(dt)
         if cache is None:
-            out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+            out = attend(q, k, v, segment_ids, attention_implementation(c))
         else:
             # Write this chunk at cache_start, then attend over the whole cache with a causal mask
             # offset by cache_start; slots past the current position are masked out.
@@ -117,7 +172,7 @@ class Attention(nn.Module):
             mask = key_pos[None, :] <= (cache_start + jnp.arange(t))[:, None]  # [T, S]
             out = jax.nn.dot_product_attention(q, k_cache.astype(dt), v_cache.astype(dt), mask=mask[None, None])
             cache = (k_cache, v_cache)
-        out = out.reshape(b * t, c.n_head * c.head_dim)
+        out = checkpoint_name(out.reshape(b * t, c.n_head * c.head_dim), "attn_out")
         return dense(c.n_embd, ("heads", "embed"), nn.initializers.zeros, dt, "c_proj")(out), cache
 
 
@@ -135,19 +190,20 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    """One pre-norm transformer layer; the scan carries the residual stream as [tokens, embed]
+    """One pre-norm transformer layer; the scan carries the residual stream as float32 [tokens, embed]
     (2-D matmuls: XLA's CPU backend runs [B, T, d] x [d, n] contractions several times slower)."""
 
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, positions, cache_start, cache):
+    def __call__(self, x, tables, segment_ids, cache_start, cache):
         c = self.config
         dt = jnp.dtype(c.dtype)
         x = nn.with_logical_constraint(x, ("batch", "act_embed"))
-        h, cache = Attention(c, name="attn")(RMSNorm(c.norm_eps, dt, name="attn_norm")(x), positions, cache, cache_start)
-        x = x + h
-        x = x + FeedForward(c, name="ffn")(RMSNorm(c.norm_eps, dt, name="ffn_norm")(x))
+        h, cache = Attention(c, name="attn")(RMSNorm(c.norm_eps, dt, name="attn_norm")(x), tables, segment_ids,
+                                             cache, cache_start)
+        x = x + h.astype(jnp.float32)
+        x = x + FeedForward(c, name="ffn")(RMSNorm(c.norm_eps, dt, name="ffn_norm")(x)).astype(jnp.float32)
         return x, cache
 
 
@@ -155,36 +211,48 @@ class Llama(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, tokens, positions=None, cache=None, cache_start=0):
+    def __call__(self, tokens, positions=None, cache=None, cache_start=0, hidden_only=False):
         """tokens [B, T] int → float32 logits [B, T, padded_vocab] (and the updated KV cache when
-        one is given). Logits of the padding rows past `vocab_size` are pushed to -1e9: they are
-        never real tokens, so sampling and the loss ignore them and exports may trim them."""
+        one is given); with hidden_only, the final-normed hidden states [B, T, embed] in the compute
+        dtype instead (the chunked loss applies the head itself). Positions are global in the window."""
         c = self.config
         dt = jnp.dtype(c.dtype)
         if positions is None:
             positions = jnp.broadcast_to(cache_start + jnp.arange(tokens.shape[1]), tokens.shape)
-        embed = nn.Embed(c.padded_vocab, c.n_embd, dtype=dt, param_dtype=jnp.float32,
+        # float32 lookup: the residual stream starts (and stays) float32 whatever the compute dtype
+        embed = nn.Embed(c.padded_vocab, c.n_embd, dtype=jnp.float32, param_dtype=jnp.float32,
                          embedding_init=nn.with_logical_partitioning(
                              real_vocab_only(nn.initializers.normal(1.0), c.vocab_size, 0), ("vocab", "embed")),
                          name="tok_embeddings")
         b, t = tokens.shape
         x = embed(tokens).reshape(b * t, c.n_embd)
+        tables = rope_tables(positions, c.head_dim, c.rope_theta)
+        segment_ids = document_ids(tokens, c.bos_id) if c.doc_mask and cache is None else None
         block = Block
         if c.remat != "none":
             block = nn.remat(block, policy=REMAT[c.remat], prevent_cse=False)
         layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                         in_axes=(nn.broadcast, nn.broadcast, 0), length=c.n_layer,
+                         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0), length=c.n_layer,
                          metadata_params={nn.PARTITION_NAME: "layers"})
-        x, cache = layers(c, name="layers")(x, positions, cache_start, cache)
+        x, cache = layers(c, name="layers")(x, tables, segment_ids, cache_start, cache)
         x = RMSNorm(c.norm_eps, dt, name="norm")(x)
+        if hidden_only:
+            return x.reshape(b, t, c.n_embd)
         head_init = real_vocab_only(nn.initializers.normal(0.001), c.vocab_size, 1)
         logits = dense(c.padded_vocab, ("embed", "vocab"), head_init, dt, "output")(x)
-        logits = logits.astype(jnp.float32).reshape(b, t, c.padded_vocab)
-        if c.softcap:
-            logits = c.softcap * jnp.tanh(logits / c.softcap)
-        if c.padded_vocab > c.vocab_size:
-            logits = jnp.where(jnp.arange(c.padded_vocab) < c.vocab_size, logits, -1e9)
+        logits = finish_logits(logits.reshape(b, t, c.padded_vocab), c)
         return logits if cache is None else (logits, cache)
+
+
+def finish_logits(logits: jax.Array, config: LlamaConfig) -> jax.Array:
+    """Head output → float32 logits: optional softcap, and the padding rows past `vocab_size` pushed
+    to -1e9: they are never real tokens, so sampling and the loss ignore them and exports may trim them."""
+    logits = logits.astype(jnp.float32)
+    if config.softcap:
+        logits = config.softcap * jnp.tanh(logits / config.softcap)
+    if config.padded_vocab > config.vocab_size:
+        logits = jnp.where(jnp.arange(config.padded_vocab) < config.vocab_size, logits, -1e9)
+    return logits
 
 
 def init_params(config: LlamaConfig, seed: int = 0) -> Params:
@@ -226,3 +294,36 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     vocab = logits.shape[-1]
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
         logits.astype(jnp.float32).reshape(-1, vocab), targets.reshape(-1)))
+
+
+def forward_hidden(params: Params, tokens: jax.Array, config: LlamaConfig) -> jax.Array:
+    """The final-normed hidden states [B, T, embed] (compute dtype), before the output head."""
+    return Llama(config).apply({"params": params}, tokens, hidden_only=True)
+
+
+def next_token_loss(params: Params, tokens: jax.Array, config: LlamaConfig, chunk: int = LOSS_CHUNK) -> jax.Array:
+    """Mean cross-entropy of predicting tokens[:, 1:] from tokens[:, :-1], never holding float32
+    logits for the whole batch: the output head and the loss run over `chunk` positions at a time
+    (all batch rows, so the batch's sharding is kept), each chunk checkpointed so the backward pass
+    recomputes its logits instead of storing them. Equal to `cross_entropy(forward(...))`."""
+    hidden = forward_hidden(params, tokens[:, :-1], config)
+    targets = tokens[:, 1:]
+    b, t, d = hidden.shape
+    chunk = min(chunk, t)
+    n = -(-t // chunk)
+    pad = n * chunk - t  # positions past the window count for nothing
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, d).swapaxes(0, 1)
+    targets = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, n, chunk).swapaxes(0, 1)
+    weights = (jnp.arange(n * chunk) < t).reshape(n, 1, chunk).astype(jnp.float32)
+    kernel = params["output"]["kernel"]
+
+    @jax.checkpoint
+    def chunk_loss(kernel, h, y, w):
+        logits = finish_logits(jnp.dot(h, kernel.astype(h.dtype)), config)
+        return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, y) * w)
+
+    def body(total, xs):
+        return total + chunk_loss(kernel, *xs), None
+
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hidden, targets, weights))
+    return total / (b * t)

@@ -6,7 +6,8 @@ import dataclasses
 
 import jax
 
-from .config import LlamaConfig
+from .config import LlamaConfig, default_remat
+from .model import attention_implementation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +47,9 @@ class Plan:
         c = self.config
         return "\n".join([
             f"model: {c.n_layer} layers, d {c.n_embd}, {c.n_head} heads ({c.n_kv_head} kv), ffn {c.ffn_hidden}, "
-            f"vocab {c.vocab_size} (padded {c.padded_vocab}), context {c.sequence_len}, dtype {c.dtype}, remat {c.remat}",
+            f"vocab {c.vocab_size} (padded {c.padded_vocab}), context {c.sequence_len}, dtype {c.dtype}, remat {c.remat}"
+            f"{f' (the {c.dtype} default)' if c.remat == default_remat(c.dtype) else ''}, "
+            f"attention {attention_implementation(c)}",
             f"{c.param_count():,} parameters",
             f"FLOPs/token: {c.flops_per_token(self.seq_len):.4g} (causal; nanollama's non-causal figure "
             f"{c.flops_per_token(self.seq_len, causal=False):.4g})",
@@ -69,8 +72,8 @@ def build_plan(config: LlamaConfig, recipe: dict, data_parallel: int, *, seq_len
     """The plan from a size's recipe (configs/<size>.json) with the given overrides (None: the
     recipe's value). Accumulation makes up the tokens per step that one micro-batch does not hold."""
     seq_len = seq_len or config.sequence_len
-    config = dataclasses.replace(config, sequence_len=seq_len, dtype=dtype or default_dtype(),
-                                 remat=remat or config.remat)
+    dtype = dtype or default_dtype()
+    config = dataclasses.replace(config, sequence_len=seq_len, dtype=dtype, remat=remat or default_remat(dtype))
     batch_size = batch_size or recipe.get("batch_size", 32)
     micro = batch_size * data_parallel * seq_len
     tokens = tokens_per_step or recipe.get("tokens_per_step", 524288)

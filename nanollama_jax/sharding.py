@@ -6,18 +6,14 @@ vocab along tensor. The model never mentions devices; this file is the only plac
 """
 from __future__ import annotations
 
-import logging
 import math
 
 import flax.linen as nn
 import jax
-import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from .config import LlamaConfig
 from .model import Params, init_params, param_logical_axes, param_shapes
-
-log = logging.getLogger(__name__)
 
 MESH_AXES = ("fsdp", "tensor")
 
@@ -51,22 +47,25 @@ def parse_mesh(spec: str | None, n_devices: int) -> tuple[int, int]:
 
 
 def make_mesh(spec: str | None = None, devices=None) -> Mesh:
-    devices = jax.devices() if devices is None else devices
+    """The ("fsdp", "tensor") mesh through `jax.make_mesh` (which orders devices for the fastest
+    links), over the first fsdp·tensor of `devices` (default: all devices). Axes are Auto: XLA
+    propagates shardings from the parameters and the logical constraints, as a Mesh did."""
+    devices = jax.devices() if devices is None else list(devices)
     shape = parse_mesh(spec, len(devices))
-    return Mesh(np.asarray(devices[: shape[0] * shape[1]]).reshape(shape), MESH_AXES)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices[: shape[0] * shape[1]])
 
 
-def mesh_spec(logical: P, shape: tuple[int, ...], mesh: Mesh) -> P:
-    """Map a logical PartitionSpec to mesh axes; a dimension that the mesh axis does not divide
-    stays replicated rather than failing (e.g. 6 heads on a tensor axis of 4)."""
+def mesh_spec(logical: P, shape: tuple[int, ...], mesh: Mesh, name: str = "array") -> P:
+    """Map a logical PartitionSpec to mesh axes. A dimension that its mesh axis does not divide is
+    an error naming the parameter: silently replicating it would cost the memory the mesh is for."""
     rules = dict(RULES)
     axes = []
-    for dim, name in zip(shape, logical):
-        axis = rules.get(name) if name else None
+    for dim, logical_name in zip(shape, logical):
+        axis = rules.get(logical_name) if logical_name else None
         if axis is not None and dim % mesh.shape[axis]:
-            log.info("dimension %s of size %d is not divisible by mesh axis %s=%d: replicated",
-                     name, dim, axis, mesh.shape[axis])
-            axis = None
+            raise ValueError(f"{name}: dimension {logical_name} of size {dim} does not divide over mesh axis "
+                             f"{axis} of size {mesh.shape[axis]}; choose a mesh whose {axis} size divides {dim}")
         axes.append(axis)
     return P(*axes)
 
@@ -75,8 +74,14 @@ def param_shardings(config: LlamaConfig, mesh: Mesh, shapes: Params | None = Non
     """Each parameter's NamedSharding (`shapes`: the params' abstract shapes, when already known)."""
     shapes = param_shapes(config) if shapes is None else shapes
     logical = param_logical_axes(config)
-    return jax.tree_util.tree_map(lambda spec, s: NamedSharding(mesh, mesh_spec(spec, s.shape, mesh)),
-                                  logical, shapes, is_leaf=lambda x: isinstance(x, P))
+    return jax.tree_util.tree_map_with_path(
+        lambda path, spec, s: NamedSharding(mesh, mesh_spec(spec, s.shape, mesh, param_name(path))),
+        logical, shapes, is_leaf=lambda x: isinstance(x, P))
+
+
+def param_name(path) -> str:
+    """'layers/attn/c_q/kernel' from a pytree path."""
+    return "/".join(str(getattr(k, "key", k)) for k in path)
 
 
 def state_shardings(state_shapes, params_shapes: Params, params_shardings: Params, mesh: Mesh):

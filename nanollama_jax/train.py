@@ -20,7 +20,7 @@ import jax
 from nanollama_base.cli import ArgumentParser, run_cli
 
 from . import checkpoint, sharding
-from .config import load_size, size_names
+from .config import REMAT_POLICIES, load_size, size_names
 from .loop import Schedule, log, train_loop
 from .training_setup import TrainingSetup
 
@@ -65,7 +65,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--lr-scale", type=positive_float, default=1.0, help="multiplies every group's learning rate")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="compute dtype (default bf16 on GPU/TPU, fp32 on CPU)")
-    p.add_argument("--remat", choices=("none", "dots", "full"), help="activation rematerialisation policy")
+    p.add_argument("--remat", choices=REMAT_POLICIES, help="activation rematerialisation policy (default: qkv with "
+                   "bfloat16, the accelerator default that fits every size in 80 GB; none with float32)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="init and data order (default 0)")
     p.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
     p.add_argument("--init-from", help="start from another run's weights (an import, a GGUF read back, an "

@@ -26,16 +26,16 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from . import checkpoint, sharding
+from . import checkpoint, model, sharding
 from .config import LlamaConfig
-from .model import cross_entropy, forward, param_shapes
+from .model import param_shapes
 from .optim import learning_rates, make_optimizer
 from .plan import Plan, build_plan
 
 
 def next_token_loss(params, tokens, config: LlamaConfig):
-    """Mean cross-entropy of predicting tokens[:, 1:] from tokens[:, :-1]."""
-    return cross_entropy(forward(params, tokens[:, :-1], config), tokens[:, 1:])
+    """Mean cross-entropy of predicting tokens[:, 1:] from tokens[:, :-1] (chunked: model.py)."""
+    return model.next_token_loss(params, tokens, config)
 
 
 def make_train_step(plan: Plan, tx: optax.GradientTransformation, loss_fn: Callable = next_token_loss):
