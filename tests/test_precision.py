@@ -124,7 +124,7 @@ def test_float16_is_refused_with_one_line():
                           "--dry-run", "--no-compile"], capture_output=True, text=True)
     assert out.returncode == 1
     assert out.stderr.strip().splitlines() == [
-        "error: dtype float16 is not supported (it needs loss scaling, which nanollama-jax does not do): "
+        "nanollama_jax.train: dtype float16 is not supported (it needs loss scaling, which nanollama-jax does not do): "
         "use bfloat16, same speed and float32's range"]
 
 
