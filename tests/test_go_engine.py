@@ -145,15 +145,19 @@ def test_quantized_logits_match_llama_cpp(engine, work, params, vocab, prompt_id
     check_quantized(engine, model, prompt_ids, tmp_path, qtype.name)
 
 
-def test_quantization_error_model_is_calibrated(work, params, vocab, prompt_ids):
+def test_quantization_error_model_is_calibrated(work, params, vocab, prompt_ids, f32_model):
     """ggml's roundings applied exactly (the quantised arithmetic itself, in float64) fall within the bound
-    and fill it as a Gaussian would: the median |diff|/sigma is 0.67 for a Gaussian."""
+    and fill it as a Gaussian would (the median |diff|/sigma is 0.67 for a Gaussian); and the bound rejects
+    the unquantised model's logits: weight rounding is no part of it."""
     model = F.write_model(work / "calib-Q4_0.gguf", params, vocab, qtype=Q.Q4_0)
     b = quant_error.bound(model, prompt_ids, kv="f16")
     z = np.abs(b.rounded - b.reference) / b.sigma
     print(f"|diff|/sigma quantiles 50/99/100 %: {np.quantile(z, [0.5, 0.99, 1]).round(2)}")
     assert b.excess(b.rounded) <= 1
     assert 0.5 <= np.median(z) <= 0.85
+    unquantised = cpp_logits(f32_model, prompt_ids)
+    print(b.describe("llama.cpp on the F32 file", unquantised))
+    assert b.excess(unquantised) > 2
 
 
 def test_kquant_logits_match_llama_cpp(engine, work, params, vocab, prompt_ids, tmp_path):
