@@ -14,13 +14,15 @@ from nanollama_jax.config import LlamaConfig  # noqa: E402
 
 # What the suite compares against; none is optional (no test is skipped for want of one).
 TEST_DEPENDENCIES = {"llama_cpp": "llama-cpp-python", "torch": "torch", "transformers": "transformers",
-                     "gguf": "gguf", "sentencepiece": "sentencepiece"}
+                     "gguf": "gguf", "sentencepiece": "sentencepiece", "openai": "openai", "selenium": "selenium",
+                     "lm_eval": "lm_eval", "pyarrow": "pyarrow"}
+# Programs on PATH: the Go toolchain, and Chromium + its driver for the chat page's browser test.
+TEST_PROGRAMS = {"go": "go (the Go toolchain)", "chromium": "chromium", "chromedriver": "chromedriver (chromium-driver)"}
 
 
 def missing_dependencies() -> list[str]:
     missing = [pkg for mod, pkg in TEST_DEPENDENCIES.items() if importlib.util.find_spec(mod) is None]
-    if shutil.which("go") is None:
-        missing.append("go (the Go toolchain, on PATH)")
+    missing += [what for program, what in TEST_PROGRAMS.items() if shutil.which(program) is None]
     return missing
 
 

@@ -65,12 +65,12 @@ def test_a_crash_fails_one_test_and_the_suite_runs_on(tmp_path, q4_model):
 
 
 def test_a_missing_dependency_stops_the_suite_with_one_line(tmp_path):
-    # no `go` on PATH: only the interpreter's own folder remains
+    # no `go`, `chromium` or `chromedriver` on PATH: only the interpreter's own folder remains
     env = {**os.environ, "PATH": str(Path(sys.executable).parent)}
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(TESTS / "test_native.py"),
                         "-k", "nothing_matches_this"], cwd=tmp_path, env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode != 0
     errors = [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("ERROR:")]
-    assert errors == ["ERROR: missing test dependencies: go (the Go toolchain, on PATH); install them with "
-                      "`bash scripts/setup.sh test`"], r.stdout + r.stderr
+    assert errors == ["ERROR: missing test dependencies: go (the Go toolchain), chromium, chromedriver "
+                      "(chromium-driver); install them with `bash scripts/setup.sh test`"], r.stdout + r.stderr
