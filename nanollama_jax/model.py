@@ -304,8 +304,9 @@ def forward_hidden(params: Params, tokens: jax.Array, config: LlamaConfig) -> ja
 def next_token_loss(params: Params, tokens: jax.Array, config: LlamaConfig, chunk: int = LOSS_CHUNK) -> jax.Array:
     """Mean cross-entropy of predicting tokens[:, 1:] from tokens[:, :-1], never holding float32
     logits for the whole batch: the output head and the loss run over `chunk` positions at a time
-    (all batch rows, so the batch's sharding is kept), each chunk checkpointed so the backward pass
-    recomputes its logits instead of storing them. Equal to `cross_entropy(forward(...))`."""
+    (all batch rows, so the batch's sharding is kept). Under differentiation each chunk also
+    computes its gradients on the spot (`_chunked_loss_sum`), so the backward pass neither stores
+    nor recomputes logits. Equal to `cross_entropy(forward(...))`, value and gradients."""
     hidden = forward_hidden(params, tokens[:, :-1], config)
     targets = tokens[:, 1:]
     b, t, d = hidden.shape
@@ -314,16 +315,57 @@ def next_token_loss(params: Params, tokens: jax.Array, config: LlamaConfig, chun
     pad = n * chunk - t  # positions past the window count for nothing
     hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, d).swapaxes(0, 1)
     targets = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, n, chunk).swapaxes(0, 1)
-    weights = (jnp.arange(n * chunk) < t).reshape(n, 1, chunk).astype(jnp.float32)
-    kernel = params["output"]["kernel"]
+    weights = jnp.broadcast_to((jnp.arange(n * chunk) < t).reshape(n, 1, chunk), (n, b, chunk)).astype(jnp.float32)
+    return _chunked_loss_sum(hidden, params["output"]["kernel"], targets, weights, config) / (b * t)
 
-    @jax.checkpoint
-    def chunk_loss(kernel, h, y, w):
-        logits = finish_logits(jnp.dot(h, kernel.astype(h.dtype)), config)
-        return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, y) * w)
 
+def _chunk_logits(h, kernel, config):
+    raw = jnp.dot(h, kernel.astype(h.dtype))
+    return raw, finish_logits(raw, config)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _chunked_loss_sum(hidden, kernel, targets, weights, config):
+    """Σ weight·(logsumexp − target logit) over chunks [n, B, C, …], one chunk's logits at a time."""
     def body(total, xs):
-        return total + chunk_loss(kernel, *xs), None
+        h, y, w = xs
+        logits = _chunk_logits(h, kernel, config)[1]
+        return total + jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, y) * w), None
 
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hidden, targets, weights))
-    return total / (b * t)
+    return jax.lax.scan(body, jnp.zeros((), jnp.float32), (hidden, targets, weights))[0]
+
+
+def _chunked_loss_fwd(hidden, kernel, targets, weights, config):
+    """The loss and, chunk by chunk, its gradients: d loss/d logits = (softmax − one-hot)·weight,
+    through the softcap's tanh, then the head's matmul transposed in the compute dtype (as autodiff
+    does); the head's gradient accumulates in float32."""
+    dt = hidden.dtype
+    k = kernel.astype(dt)
+
+    def body(carry, xs):
+        total, d_kernel = carry
+        h, y, w = xs
+        raw, logits = _chunk_logits(h, kernel, config)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        total = total + jnp.sum((lse - jnp.take_along_axis(logits, y[..., None], -1)[..., 0]) * w)
+        d_logits = (jax.nn.softmax(logits, axis=-1) - jax.nn.one_hot(y, logits.shape[-1])) * w[..., None]
+        if config.padded_vocab > config.vocab_size:  # the -1e9 padding logits are constants
+            d_logits = jnp.where(jnp.arange(config.padded_vocab) < config.vocab_size, d_logits, 0.0)
+        if config.softcap:
+            d_logits = d_logits * (1 - jnp.tanh(raw.astype(jnp.float32) / config.softcap) ** 2)
+        d_raw = d_logits.astype(dt)
+        d_h = jnp.dot(d_raw, k.T)
+        d_kernel = d_kernel + jnp.einsum("bcd,bcv->dv", h, d_raw).astype(jnp.float32)
+        return (total, d_kernel), d_h
+
+    init = (jnp.zeros((), jnp.float32), jnp.zeros(kernel.shape, jnp.float32))
+    (total, d_kernel), d_hidden = jax.lax.scan(body, init, (hidden, targets, weights))
+    return total, (d_hidden, d_kernel)
+
+
+def _chunked_loss_bwd(config, residuals, g):
+    d_hidden, d_kernel = residuals
+    return (d_hidden * g).astype(d_hidden.dtype), d_kernel * g, None, None
+
+
+_chunked_loss_sum.defvjp(_chunked_loss_fwd, _chunked_loss_bwd)

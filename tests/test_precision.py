@@ -44,7 +44,8 @@ def test_chunked_loss_equals_plain_loss_and_gradients(gqa_config, chunk):
     assert abs(float(got) - float(ref)) <= 1e-6 * abs(float(ref))
     for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree_util.tree_leaves(ref_grads)):
         g, r = np.asarray(g), np.asarray(r)
-        assert np.abs(g - r).max() <= 1e-6 * np.abs(r).max() + 1e-12, jax.tree_util.keystr(path)
+        # relative error of each gradient tensor as a whole (float32 rounding alone is ~1e-7)
+        assert np.linalg.norm(g - r) <= 1e-6 * np.linalg.norm(r), jax.tree_util.keystr(path)
 
 
 def test_chunked_loss_holds_no_full_logits():
