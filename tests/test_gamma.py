@@ -288,6 +288,21 @@ def test_compression_at_20_percent_keeps_90_percent(runs, gamma_file, tmp_path):
     assert c.tensors["layers.0.ffn.up_proj.weight"].b.dtype == np.float16
 
 
+def test_default_compression_meets_the_budget_without_settings(runs, gamma_file, tmp_path):
+    """Issue 15: no flags at all → ≤ 20% of the dense size (tensor data and file), ≥ 90% of the loss gap kept;
+    the allocation is chosen per tensor by energy per byte."""
+    out = tmp_path / "auto.npz"
+    c = _compress_cli(runs, gamma_file, out)
+    size, fid = c.info["size"], c.info["fidelity"]
+    alloc = c.info["compressed_from"]["allocation"]
+    print(f"size {size['ratio']:.3f} (file {out.stat().st_size / gamma_file.stat().st_size:.3f}); "
+          f"share kept {fid['share_kept']:.3f}; allocation {alloc}")
+    assert size["ratio"] <= 0.20, size
+    assert out.stat().st_size <= 0.20 * gamma_file.stat().st_size
+    assert fid["share_kept"] >= 0.90, fid
+    assert c.info["compressed_from"]["budget"] == 0.2
+
+
 def test_compression_flags_are_checked(gamma_file, tmp_path):
     for flags, word in ((("--head", "rank:0"), "rank must be >= 1"), (("--energy", "1.5"), "energy must be"),
                         (("--layers", "bogus:3"), "unknown setting"), ((), "compress needs"),

@@ -54,7 +54,7 @@ import numpy as np
 
 from nanollama_base.cli import ArgumentParser, run_cli
 from .compat import check_compatible, gamma_side, load_state, run_side
-from .compress import GROUPS, compress, fidelity, parse_spec, personality_loss_fn
+from .compress import DEFAULT_BUDGET, GROUPS, compress, compress_to_budget, fidelity, parse_spec, personality_loss_fn
 from .layouts import load_gamma, save_gamma
 from .ops import apply_gamma, compose, cross_depth_map, extract, inject_into, n_layers
 from .stats import format_stats, plot_stats, stats
@@ -64,7 +64,7 @@ PROG = "python -m nanollama_jax.gamma"
 
 def _write_run(out, run, params, **sections):
     from ..checkpoint import write_params_run
-    from ..files import atomic_dir
+    from nanollama_base.files import atomic_dir
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):
@@ -123,11 +123,23 @@ def _cmd_compress(a):
         for n in check_compatible(sides, what="measure fidelity"):
             print(f"note: {n}", file=sys.stderr)
     specs = {grp: parse_spec(getattr(a, grp), f"--{grp}") for grp in GROUPS if getattr(a, grp)}
-    c = compress(g, a.rank, a.density, a.energy, a.dtype, specs)
+    settings = specs or any(v is not None for v in (a.rank, a.density, a.energy))
+    if settings and a.budget is not None:
+        raise ValueError("--budget chooses every setting itself: give it alone, or --rank/--energy/--density")
+    if settings:
+        dtype = a.dtype or "float32"
+        c = compress(g, a.rank, a.density, a.energy, dtype, specs)
+        plan = c.info["compressed_from"]["plan"]
+        print(f"compressed {a.gamma} ({dtype}): " + "; ".join(
+            f"{grp} {', '.join(f'{k} {v}' for k, v in plan[grp].items()) or 'dense'}" for grp in GROUPS))
+    else:
+        dtype = a.dtype or "float16"
+        c = compress_to_budget(g, DEFAULT_BUDGET if a.budget is None else a.budget, dtype)
+        alloc = c.info["compressed_from"]["allocation"]
+        print(f"compressed {a.gamma} ({dtype}) to a budget of {100 * c.info['compressed_from']['budget']:g}% of "
+              f"the dense size: " + ", ".join(f"{k} {', '.join(f'{s} {v}' for s, v in spec.items())}"
+                                              for k, spec in alloc.items()))
     dense_bytes, size = c.dense_nbytes(), c.nbytes()
-    plan = c.info["compressed_from"]["plan"]
-    print(f"compressed {a.gamma} ({a.dtype}): " + "; ".join(
-        f"{grp} {', '.join(f'{k} {v}' for k, v in plan[grp].items()) or 'dense'}" for grp in GROUPS))
     if c.info["ranks"]:
         print("ranks: " + ", ".join(f"{k} {r}" for k, r in c.info["ranks"].items()))
     print(f"size: {_fmt_bytes(size)} of tensor data vs {_fmt_bytes(dense_bytes)} dense float32 "
@@ -169,7 +181,7 @@ def _cmd_stats(a):
     png = Path(a.plot) if a.plot else Path(a.gamma).with_suffix(".stats.png")
     plot_stats(s, png, title=f"{Path(a.gamma).name}" + (f" vs {a.reference} − {a.base}" if ref else ""))
     if a.json:
-        from ..files import atomic_path
+        from nanollama_base.files import atomic_path
 
         with atomic_path(a.json) as tmp:
             tmp.write_text(json.dumps(s, indent=1) + "\n")
@@ -232,8 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
     for grp in GROUPS:
         k.add_argument(f"--{grp}", metavar="SPEC",
                        help=f"override for the {grp} group: rank:R, energy:E, density:D (comma-separated) or dense")
-    k.add_argument("--dtype", choices=("float32", "float16"), default="float32",
-                   help="storage of factors and kept values (default float32; norms stay float32)")
+    k.add_argument("--budget", type=float,
+                   help=f"size as a fraction of the dense float32 size, shared out automatically over the tensors "
+                        f"(the default when no other setting is given: {DEFAULT_BUDGET:g})")
+    k.add_argument("--dtype", choices=("float32", "float16"),
+                   help="storage of factors and kept values (default float16 with --budget, else float32; "
+                        "norms stay float32)")
     k.add_argument("-o", "--output", required=True)
     k.add_argument("--base", help="fidelity report: the base run")
     k.add_argument("--personality", help="fidelity report: the personality run (default base + dense gamma)")

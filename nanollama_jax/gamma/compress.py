@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..config import LlamaConfig
+from .budget import allocate
 from .encodings import Dense, Gamma, LowRank, Sparse
 from .ops import apply_gamma
 
@@ -24,8 +25,12 @@ def low_rank(a: np.ndarray, rank: int | None = None, energy: float | None = None
 
 
 def top_fraction(a: np.ndarray, density: float, dtype=np.float32) -> Sparse:
+    return top_entries(a, int(round(density * np.size(a))), dtype)
+
+
+def top_entries(a: np.ndarray, n: int, dtype=np.float32) -> Sparse:
+    """The n entries of largest |value|, as a sparse tensor."""
     flat = np.asarray(a, np.float32).ravel()
-    n = int(round(density * flat.size))
     if n >= flat.size:
         idx = np.arange(flat.size)
     elif n <= 0:
@@ -78,6 +83,33 @@ def default_specs(rank=None, density=None, energy=None) -> dict:
     sparse = {"density": density} if density is not None else {}
     main = lowrank or sparse
     return {"layers": main, "head": main, "embedding": sparse or lowrank}
+
+
+DEFAULT_BUDGET = 0.2  # of the dense float32 size, when no setting is given
+
+
+def compress_to_budget(g: Gamma, budget: float = DEFAULT_BUDGET, dtype: str = "float16") -> Gamma:
+    """Compression to `budget` × the dense float32 size, shared out over the tensors by `budget.allocate`
+    (per matrix: the rank, the number of top entries, or dense that buys most of ‖γ‖² per byte)."""
+    if dtype not in ("float32", "float16"):
+        raise ValueError(f"--dtype must be float32 or float16, got {dtype}")
+    if not 0 < budget <= 1:
+        raise ValueError(f"--budget must be in (0, 1], got {budget}")
+    dense = g.dense_state()
+    specs = allocate(dense, budget * g.dense_nbytes(), np.dtype(dtype).itemsize)
+    tensors = {}
+    for k, a in dense.items():
+        spec = specs.get(k, {"dense": True})
+        if "dense" in spec:
+            tensors[k] = Dense(a)
+        elif "entries" in spec:
+            tensors[k] = top_entries(a, spec["entries"], dtype)
+        else:
+            tensors[k] = low_rank(a, spec["rank"], dtype=dtype)
+    info = dict(g.info)
+    info["compressed_from"] = {"gamma": g.source, "budget": budget, "dtype": dtype, "allocation": specs}
+    info["ranks"] = {k: t.rank for k, t in tensors.items() if t.kind == "lowrank"}
+    return Gamma(tensors, g.config, g.tokenizer_sha256, g.base_fingerprint, None, None, info, g.source)
 
 
 def compress(g: Gamma, rank: int | None = None, density: float | None = None, energy: float | None = None,
