@@ -49,18 +49,21 @@ def _pick(curves, price: float):
     return best
 
 
-def allocate(tensors: dict, budget_bytes: float, value_bytes: int) -> dict:
+def allocate(tensors: dict, budget_bytes: float, value_bytes: int, weights: dict | None = None) -> dict:
     """{name: spec} for the 2-D tensors of `tensors` ({name: dense array}); specs are {"rank": k},
     {"entries": n} or {"dense": True}. 1-D tensors are left out (the caller keeps them dense) and their
-    bytes come off the budget first."""
+    bytes come off the budget first. `weights` ({name: worth of a unit of energy}, default 1) scale each
+    tensor's curve."""
     fixed = sum(4 * a.size for a in tensors.values() if a.ndim < 2)
     left = budget_bytes - fixed
     if left < 0:
         raise ValueError(f"the budget ({int(budget_bytes):,} bytes) does not even hold the norms ({fixed:,} bytes)")
     mats = {k: a for k, a in tensors.items() if a.ndim >= 2}
-    total = sum(float(np.sum(np.square(a, dtype=np.float64))) for a in mats.values()) or 1.0
-    # energies as shares of the whole gamma: the price is then in "share of ‖γ‖² per byte"
-    curves = {k: [(kind, lv, e / total, c) for kind, lv, e, c in _curves(a, value_bytes)] for k, a in mats.items()}
+    w = {k: 1.0 if weights is None else float(weights.get(k, 0.0)) for k in mats}
+    total = sum(w[k] * float(np.sum(np.square(a, dtype=np.float64))) for k, a in mats.items()) or 1.0
+    # worth as shares of the whole: the price is then in "share of the (weighted) ‖γ‖² per byte"
+    curves = {k: [(kind, lv, w[k] * e / total, c) for kind, lv, e, c in _curves(a, value_bytes)]
+              for k, a in mats.items()}
 
     def plan(price):
         return {k: _pick(c, price) for k, c in curves.items()}
