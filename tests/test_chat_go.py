@@ -110,7 +110,7 @@ def test_chat_answer_stops_at_end_of_turn(engine, chat_vocab, tmp_path):
     assert r.stdout.strip() == "the fox", (r.stdout, r.stderr)
     r = native.run_go(engine, "--model", model, "--prompt", "\n", "--temp", "0", "--max-tokens", "3")
     assert r.stdout.strip() == "the fox", r.stdout  # a plain completion stops there too
-    r = native.run_go(engine, "--model", model, "--prompt", "\n", "--temp", "0", "--max-tokens", "3", "--ignore-eos")
+    r = native.run_go(engine, "--model", model, "--prompt", "\n", "--temp", "0", "--max-tokens", "4", "--ignore-eos")
     assert r.stdout.strip() == "the fox dog", r.stdout  # the chain goes on past the end of turn
 
 
