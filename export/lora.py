@@ -27,6 +27,9 @@ plays the role of gamma's α).
   injected model up to float32 rounding, with no truncation anywhere; the price is size (a norm that
   changed everywhere makes the matrices it feeds full rank). A base norm entry of 0 whose personality
   value is not 0 cannot be folded (no scale turns 0 into it): refused, naming the tensor.
+* `--max-rank R` caps every adapter matrix at rank R by truncated SVD of its delta (the best rank-R
+  approximation: Frobenius error sqrt(Σ_{i>R} σ_i²), Eckart–Young); the largest relative error is reported.
+  Without it nothing is truncated and the adapter is exact.
 
 Checks before anything is written: the base GGUF's config and tensor shapes against the gamma
 (and the tokenizer hash, when the GGUF carries our tokenizer and the gamma records one).
@@ -93,6 +96,17 @@ def _folded(entry, w: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.nda
     return np.concatenate([b, fold_b], 1), np.concatenate([a * scale[None, :], fold_a], 0)
 
 
+def _truncate(b: np.ndarray, a: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """The best rank-`rank` factors of B @ A (SVD through QR of both factors) and the relative Frobenius
+    error of dropping the rest."""
+    qb, rb = np.linalg.qr(b.astype(np.float64))
+    qa, ra = np.linalg.qr(a.T.astype(np.float64))
+    u, sv, vt = np.linalg.svd(rb @ ra.T)
+    total = float(np.sum(sv ** 2))
+    err = float(np.sqrt(np.sum(sv[rank:] ** 2) / total)) if total else 0.0
+    return ((qb @ u[:, :rank]) * sv[:rank]).astype(np.float32), (qa @ vt[:rank].T).T.astype(np.float32), err
+
+
 def _norm_scales(g: Gamma, base_state: dict) -> dict:
     """{matrix name: s = g'/g} for every matrix fed by a norm whose gamma is nonzero."""
     scales = {}
@@ -112,9 +126,9 @@ def _norm_scales(g: Gamma, base_state: dict) -> dict:
     return scales
 
 
-def plan_adapter(g: Gamma, config, base_state: dict) -> tuple[list, list]:
-    """([(state-dict name, gguf name, B, A)], [norms folded]); norm changes folded into the matrices
-    they feed."""
+def plan_adapter(g: Gamma, config, base_state: dict, max_rank: int | None = None) -> tuple[list, list, dict]:
+    """([(state-dict name, gguf name, B, A)], [norms folded], {gguf name: relative error of truncation});
+    norm changes folded into the matrices they feed; ranks above `max_rank` truncated."""
     missing = [n for n in g.tensors if n not in base_state]
     if missing:
         raise ValueError(f"the base GGUF lacks tensor(s) for {', '.join(gguf_name(n) for n in missing[:5])}")
@@ -124,7 +138,7 @@ def plan_adapter(g: Gamma, config, base_state: dict) -> tuple[list, list]:
                              f"(vocabulary rows padded), the gamma's is {list(entry.shape)}")
     scales = _norm_scales(g, base_state)
     folded = [gguf_name(n) for n, e in g.tensors.items() if len(e.shape) == 1 and np.any(e.dense())]
-    pairs = []
+    pairs, errors = [], {}
     for name in base_state:
         entry = g.tensors.get(name)
         if base_state[name].ndim < 2 or (entry is None and name not in scales):
@@ -133,6 +147,8 @@ def plan_adapter(g: Gamma, config, base_state: dict) -> tuple[list, list]:
             b, a = _folded(entry, base_state[name], scales[name])
         else:
             b, a = _factors(entry)
+        if max_rank is not None and b.shape[1] > max_rank:
+            b, a, errors[gguf_name(name)] = _truncate(b, a, max_rank)
         if name in VOCAB_TENSORS:  # rows are tokens: trimmed to the vocabulary like the base export
             b = b[: config.vocab_size]
         if name.endswith("attn.c_q.weight"):
@@ -142,10 +158,11 @@ def plan_adapter(g: Gamma, config, base_state: dict) -> tuple[list, list]:
         if not np.any(b) or not np.any(a):
             continue  # a zero delta: nothing to carry
         pairs.append((name, gguf_name(name), np.ascontiguousarray(b, np.float32), np.ascontiguousarray(a, np.float32)))
-    return pairs, folded
+    return pairs, folded, errors
 
 
-def write_lora(g: Gamma, base_gguf, output, dtype: str = "f32", name: str | None = None) -> dict:
+def write_lora(g: Gamma, base_gguf, output, dtype: str = "f32", name: str | None = None,
+               max_rank: int | None = None) -> dict:
     import gguf
 
     from export.gguf_read import config_from_gguf, open_gguf, read_state
@@ -164,7 +181,9 @@ def write_lora(g: Gamma, base_gguf, output, dtype: str = "f32", name: str | None
             diffs.append(f"tokenizer sha256 {g.tokenizer_sha256[:12]}… vs {sha[:12]}…")
     if diffs:
         raise ValueError(f"cannot export: gamma {g.source} vs base {base_gguf}: " + ", ".join(diffs))
-    pairs, folded = plan_adapter(g, config, read_state(reader, config, str(base_gguf)))
+    if max_rank is not None and max_rank < 1:
+        raise ValueError(f"--max-rank must be >= 1, got {max_rank}")
+    pairs, folded, errors = plan_adapter(g, config, read_state(reader, config, str(base_gguf)), max_rank)
     if not pairs:
         raise ValueError(f"{g.source}: the gamma has no nonzero matrix delta to carry")
     alpha = max(b.shape[1] for _, _, b, _ in pairs)
@@ -194,7 +213,7 @@ def write_lora(g: Gamma, base_gguf, output, dtype: str = "f32", name: str | None
             w.flush()
         finally:
             w.close()
-    return {"path": str(output), "tensors": len(pairs), "alpha": alpha, "folded": folded,
+    return {"path": str(output), "tensors": len(pairs), "alpha": alpha, "folded": folded, "truncated": errors,
             "ranks": {gname: b.shape[1] for _, gname, b, _ in pairs}, "bytes": output.stat().st_size}
 
 
@@ -207,13 +226,20 @@ def main(argv=None):
     p.add_argument("-o", "--output", required=True, help="adapter .gguf to write")
     p.add_argument("--dtype", choices=("f32", "f16"), default="f32", help="storage of A and B (default f32)")
     p.add_argument("--name", help="general.name (default: the gamma file's stem)")
+    p.add_argument("--max-rank", type=int,
+                   help="cap every adapter matrix at this rank (truncated SVD; the error is reported); "
+                        "default: no cap, exact")
     args = p.parse_args(argv)
 
     def run():
         g = load_gamma(args.gamma)
-        info = write_lora(g, args.base, args.output, args.dtype, args.name)
+        info = write_lora(g, args.base, args.output, args.dtype, args.name, args.max_rank)
         if info["folded"]:
             print(f"norm changes folded into the matrices they feed: {', '.join(info['folded'])}")
+        if info["truncated"]:
+            worst = max(info["truncated"], key=info["truncated"].get)
+            print(f"truncated {len(info['truncated'])} matrices to rank {args.max_rank}: largest relative "
+                  f"Frobenius error {info['truncated'][worst]:.3g} ({worst})")
         ranks = sorted(set(info["ranks"].values()))
         print(f"wrote {info['path']} ({info['tensors']} LoRA pairs, rank {'/'.join(map(str, ranks))}, "
               f"alpha {info['alpha']}, {info['bytes']:,} bytes)")

@@ -190,6 +190,32 @@ def test_norm_changes_fold_exactly(setup, config, tokenizer_file, tmp_path):
             assert shapes["blk.0.ffn_gate.weight.lora_a"] == (8, 64)  # no norm change: the gamma's own rank
 
 
+def test_max_rank_truncates_with_the_stated_error(setup, config, tmp_path):
+    """--max-rank R: every adapter matrix at rank ≤ R, each B·A the best rank-R approximation of the exact
+    (norm-folded) delta, and the relative Frobenius error reported is that of the SVD tail."""
+    root, base, g = setup
+    from gguf import GGUFReader
+
+    from export.lora import write_lora
+
+    normed = G.Gamma(_with_norm_changes(config, g.tensors), config)
+    exact = write_lora(normed, root / "base.gguf", tmp_path / "exact.gguf")
+    capped = write_lora(normed, root / "base.gguf", tmp_path / "r4.gguf", max_rank=4)
+    assert not exact["truncated"] and set(capped["ranks"].values()) == {4}
+
+    def deltas(path, info):  # the delta llama.cpp applies: (alpha / r)·B·A
+        t = {x.name: np.asarray(x.data, np.float64) for x in GGUFReader(str(path)).tensors}
+        return {k: info["alpha"] / info["ranks"][k] * t[k + ".lora_b"] @ t[k + ".lora_a"] for k in info["ranks"]
+                if k != "token_embd.weight"}
+
+    full, r4 = deltas(tmp_path / "exact.gguf", exact), deltas(tmp_path / "r4.gguf", capped)
+    for k in ("blk.0.attn_q.weight", "blk.1.ffn_gate.weight", "output.weight"):
+        sv = np.linalg.svd(full[k], compute_uv=False)
+        tail = np.sqrt(np.sum(sv[4:] ** 2) / np.sum(sv ** 2))
+        assert tail > 0.1 and abs(capped["truncated"][k] - tail) < 1e-5, k
+        assert abs(np.linalg.norm(full[k] - r4[k]) / np.linalg.norm(full[k]) - tail) < 1e-4, k
+
+
 def test_a_norm_that_cannot_fold_is_refused(setup, config, tokenizer_file, tmp_path):
     """A base norm entry of 0 cannot be scaled into a nonzero personality value: one line, nothing written."""
     root, base, g = setup
