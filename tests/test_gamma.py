@@ -292,7 +292,12 @@ def test_default_compression_meets_the_budget_without_settings(runs, gamma_file,
     """Issue 15: no flags at all → ≤ 20% of the dense size (tensor data and file), ≥ 90% of the loss gap kept;
     the allocation is chosen per tensor by energy per byte."""
     out = tmp_path / "auto.npz"
-    c = _compress_cli(runs, gamma_file, out)
+    r = gamma_cli("compress", gamma_file, "-o", out, "--base", runs["base"], "--personality", runs["pirate"],
+                  "--data", runs["data"], "--seq-len", 64, "--batches", 4)
+    assert r.returncode == 0, r.stderr
+    print(r.stdout)
+    assert "to a budget of 20% of the dense size" in r.stdout and "low rank (rank" in r.stdout
+    c = G.load_gamma(out)
     size, fid = c.info["size"], c.info["fidelity"]
     alloc = c.info["compressed_from"]["allocation"]
     print(f"size {size['ratio']:.3f} (file {out.stat().st_size / gamma_file.stat().st_size:.3f}); "
@@ -301,6 +306,11 @@ def test_default_compression_meets_the_budget_without_settings(runs, gamma_file,
     assert out.stat().st_size <= 0.20 * gamma_file.stat().st_size
     assert fid["share_kept"] >= 0.90, fid
     assert c.info["compressed_from"]["budget"] == 0.2 and c.info["compressed_from"]["weighted_by_loss"]
+    # without data: the same budget, shared by ‖γ‖² alone (measured 79% of the gap kept here), said so
+    r = gamma_cli("compress", gamma_file, "-o", tmp_path / "plain.npz")
+    assert r.returncode == 0 and "not weighted by the loss" in r.stderr, r.stderr
+    plain = G.load_gamma(tmp_path / "plain.npz")
+    assert plain.nbytes() <= 0.2 * plain.dense_nbytes() and not plain.info["compressed_from"]["weighted_by_loss"]
 
 
 def test_budget_allocation_picks_the_encoding_each_matrix_suits():

@@ -57,7 +57,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nanollama_base.cli import ArgumentParser, run_cli
+from nanollama_base.cli import ArgumentParser, Progress, run_cli
 from .compat import check_compatible, gamma_side, load_state, run_side
 from .compress import (DEFAULT_BUDGET, GROUPS, compress, compress_to_budget, fidelity, parse_spec,
                        personality_loss_fn, sensitivities)
@@ -111,6 +111,17 @@ def _cmd_compose(a):
     print(f"wrote {a.output} ({' + '.join(f'{w:g}·{p}' for w, p in zip(weights, a.gammas))}, {_fmt_bytes(size)})")
 
 
+def _allocation_summary(alloc: dict) -> str:
+    """'13 low rank (rank 1–57), 3 sparse (86–10,701 entries), 0 dense' (the per-tensor list is in the file)."""
+    parts = []
+    for kind, label, unit in (("rank", "low rank", "rank "), ("entries", "sparse", "")):
+        v = [spec[kind] for spec in alloc.values() if kind in spec]
+        span = f" ({unit}{min(v):,}–{max(v):,}{' entries' if kind == 'entries' else ''})" if v else ""
+        parts.append(f"{len(v)} {label}{span}")
+    parts.append(f"{sum('dense' in spec for spec in alloc.values())} dense")
+    return ", ".join(parts)
+
+
 def _cmd_compress(a):
     g = load_gamma(a.gamma)
     # check everything the fidelity report needs before any work
@@ -145,12 +156,18 @@ def _cmd_compress(a):
     else:
         dtype = a.dtype or "float16"
         # with the report's data, each matrix is priced by what its gamma is worth to the loss
-        weights = sensitivities(base, pers, g, rb.config, loss_fn) if report_wanted else None
+        weights = None
+        if report_wanted:
+            bar = Progress(sum(len(e.shape) > 1 for e in g.tensors.values()), desc="pricing matrices by the loss",
+                           unit="matrix")
+            weights = sensitivities(base, pers, g, rb.config, loss_fn, bar)
+            bar.close()
+        else:
+            print("note: no --base/--data: the budget is shared by ‖γ‖² alone, not weighted by the loss, and no "
+                  "fidelity is measured", file=sys.stderr)
         c = compress_to_budget(g, DEFAULT_BUDGET if a.budget is None else a.budget, dtype, weights)
-        alloc = c.info["compressed_from"]["allocation"]
         print(f"compressed {a.gamma} ({dtype}) to a budget of {100 * c.info['compressed_from']['budget']:g}% of "
-              f"the dense size: " + ", ".join(f"{k} {', '.join(f'{s} {v}' for s, v in spec.items())}"
-                                              for k, spec in alloc.items()))
+              f"the dense size: {_allocation_summary(c.info['compressed_from']['allocation'])}")
     dense_bytes, size = c.dense_nbytes(), c.nbytes()
     if c.info["ranks"]:
         print("ranks: " + ", ".join(f"{k} {r}" for k, r in c.info["ranks"].items()))

@@ -167,11 +167,12 @@ def personality_loss_fn(config: LlamaConfig, data_dir, seq_len: int, batch_size:
     return fn
 
 
-def sensitivities(base_state: dict, pers_state: dict, g: Gamma, config: LlamaConfig, loss_fn) -> dict:
+def sensitivities(base_state: dict, pers_state: dict, g: Gamma, config: LlamaConfig, loss_fn,
+                  progress=None) -> dict:
     """{matrix name: loss per unit of ‖γ‖²}: how much the personality's loss rises when that matrix's
     gamma alone is left out, divided by the matrix's ‖γ‖² (the embedding's delta, spread over rows of
     rare tokens, can be large and matter little; the head's the other way round). Floors at a small
-    positive share so no matrix is priced at nothing."""
+    positive share so no matrix is priced at nothing. `progress` (a tqdm-like bar) is advanced per matrix."""
     from ..statedict import from_state_dict
 
     lp = loss_fn(from_state_dict(pers_state, config))
@@ -185,6 +186,8 @@ def sensitivities(base_state: dict, pers_state: dict, g: Gamma, config: LlamaCon
         without = dict(pers_state)
         without[k] = np.asarray(pers_state[k], np.float32) - e.dense()
         out[k] = max(loss_fn(from_state_dict(without, config)) - lp, 0.0) / energy
+        if progress is not None:
+            progress.update()
     floor = 1e-3 * max(out.values(), default=0.0)
     return {k: max(v, floor) for k, v in out.items()}
 
