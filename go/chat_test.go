@@ -174,3 +174,26 @@ func TestEndOfTurnEndsGeneration(t *testing.T) {
 		}
 	}
 }
+
+// /v1/chat/completions renders its messages through the model's template
+// (string and text-part contents alike); a role the template lacks is the
+// client's error.
+func TestServerChatPromptUsesTheTemplate(t *testing.T) {
+	f, tok := chatVocab(t, llama3Template, true, true)
+	s := &Server{m: &Model{Tok: tok, Chat: NewChatTemplate(f, tok, nil)}}
+	req := &completionRequest{Messages: []chatMessage{
+		{Role: "system", Content: []byte(`"a"`)},
+		{Role: "user", Content: []byte(`[{"type": "text", "text": "the "}, {"type": "text", "text": "a"}]`)}}}
+	got, err := s.promptIDs(req, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want, _ := s.m.Chat.Render([]ChatMessage{{"system", "a"}, {"user", "the a"}}, true)
+	if pieces(tok, got) != pieces(tok, want) || tok.Tokens[got[len(got)-4]] != tokEndHeader {
+		t.Errorf("chat prompt %s\nwant %s", pieces(tok, got), pieces(tok, want))
+	}
+	req.Messages[0].Role = "tool"
+	if _, err := s.promptIDs(req, true); err == nil || !strings.Contains(err.Error(), `role "tool" is not supported`) {
+		t.Errorf("error %v", err)
+	}
+}
