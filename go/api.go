@@ -71,34 +71,21 @@ func messageText(raw json.RawMessage) (string, error) {
 	return b.String(), nil
 }
 
-// chatPrompt renders messages as plain text: each message's content,
-// separated by blank lines, ending where the assistant should continue
-// (the layout nanollama's personality data uses). Chat templates replace
-// this one function.
-func chatPrompt(msgs []string) string {
-	var b strings.Builder
-	for _, m := range msgs {
-		b.WriteString(m)
-		b.WriteString("\n\n")
-	}
-	return b.String()
-}
-
 // promptIDs turns the request's prompt or messages into token ids.
 func (s *Server) promptIDs(req *completionRequest, chat bool) ([]int32, error) {
 	if chat {
 		if len(req.Messages) == 0 {
 			return nil, errors.New("messages must be a non-empty array of {role, content}")
 		}
-		texts := make([]string, len(req.Messages))
+		msgs := make([]ChatMessage, len(req.Messages))
 		for i, m := range req.Messages {
 			t, err := messageText(m.Content)
 			if err != nil {
 				return nil, fmt.Errorf("messages[%d]: %v", i, err)
 			}
-			texts[i] = t
+			msgs[i] = ChatMessage{Role: m.Role, Content: t}
 		}
-		return s.m.Tok.Encode(chatPrompt(texts), true), nil
+		return s.m.Chat.Render(msgs, true)
 	}
 	if len(req.Prompt) == 0 || string(req.Prompt) == "null" {
 		return nil, errors.New("prompt is required (a string, or an array of one string or of token ids)")

@@ -228,7 +228,11 @@ func tinyModel(t testing.TB, typ GGMLType) *Model {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if m.Tok, err = NewTokenizer(f); err != nil {
+	tok, err := NewTokenizer(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := m.SetTokenizer(tok); err != nil {
 		t.Fatal(err)
 	}
 	return m

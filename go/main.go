@@ -4,6 +4,7 @@ package main
 
 import (
 	"bufio"
+	"encoding/json"
 	"flag"
 	"fmt"
 	"io"
@@ -18,7 +19,9 @@ const usageText = `nanollama: a pure-Go inference engine for llama GGUF models.
 Usage:
   nanollama --model m.gguf --prompt "Once upon a time" [options]
   echo "Once upon a time" | nanollama --model m.gguf
-  nanollama --model m.gguf --interactive
+  nanollama --model m.gguf --interactive [--system "You are terse."]
+  nanollama --model m.gguf --chat --prompt "What does len() return?"
+  nanollama --model m.gguf --messages conversation.json --tokenize
   nanollama --model m.gguf --serve --host 127.0.0.1 --port 8080 [--api-key KEY] [--cors-origin '*']
   nanollama --model m.gguf --tokens ids.npy --dump-logits logits.npy
   nanollama --model m.gguf --list-tensors
@@ -36,6 +39,8 @@ type options struct {
 	topK, repWindow, threads, ctx   int
 	seed                            int64
 	interactive, serve, listTensors bool
+	chat                            bool
+	system, messages                string
 	tokenize, ignoreEOS             bool
 	host                            string
 	port, parallel                  int
@@ -66,7 +71,10 @@ func main() {
 	fs.IntVar(&o.threads, "threads", runtime.NumCPU(), "worker threads")
 	fs.IntVar(&o.ctx, "ctx", 0, "context length (0 = the model's, at most 2048)")
 	fs.StringVar(&o.kvType, "kv-type", "f16", "KV cache precision: f16 (as llama.cpp) or f32")
-	fs.BoolVar(&o.interactive, "interactive", false, "interactive REPL")
+	fs.BoolVar(&o.interactive, "interactive", false, "interactive chat: each line is a user message, rendered with the model's chat template")
+	fs.BoolVar(&o.chat, "chat", false, "one-shot: the prompt is a user message, rendered with the model's chat template; the answer ends at end of turn")
+	fs.StringVar(&o.system, "system", "", "system message for --chat and --interactive")
+	fs.StringVar(&o.messages, "messages", "", "one-shot chat on a conversation: a JSON file of [{\"role\", \"content\"}, ...] (implies --chat)")
 	fs.BoolVar(&o.serve, "serve", false, "run the HTTP server")
 	fs.StringVar(&o.host, "host", "127.0.0.1", "server address")
 	fs.IntVar(&o.port, "port", 8080, "server port")
@@ -167,6 +175,15 @@ func run(o *options) error {
 			return err
 		}
 	}
+	if o.messages != "" {
+		msgs, err := readMessages(o.messages)
+		if err != nil {
+			return err
+		}
+		if ids, err = m.Chat.Render(conversation(o.system, msgs...), true); err != nil {
+			return fmt.Errorf("%s: %v", o.messages, err)
+		}
+	}
 	prompt := o.prompt
 	if ids == nil && (prompt == "" && !o.tokenize || o.tokenize && o.prompt == "") {
 		st, err := os.Stdin.Stat()
@@ -179,7 +196,11 @@ func run(o *options) error {
 		}
 		prompt = strings.TrimRight(string(b), "\n")
 	}
-	if ids == nil {
+	if ids == nil && o.chat {
+		if ids, err = m.Chat.Render(conversation(o.system, ChatMessage{"user", prompt}), true); err != nil {
+			return err
+		}
+	} else if ids == nil {
 		ids = tok.Encode(prompt, true)
 	}
 	if o.tokenize {
@@ -205,13 +226,50 @@ func run(o *options) error {
 	return nil
 }
 
+// readMessages reads a conversation: a JSON array of {"role", "content"}.
+func readMessages(path string) ([]ChatMessage, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	var raw []struct {
+		Role    *string `json:"role"`
+		Content *string `json:"content"`
+	}
+	if err := json.Unmarshal(b, &raw); err != nil {
+		return nil, fmt.Errorf("%s: not a JSON array of {\"role\", \"content\"} messages (%v)", path, err)
+	}
+	if len(raw) == 0 {
+		return nil, fmt.Errorf("%s: the conversation is empty", path)
+	}
+	msgs := make([]ChatMessage, len(raw))
+	for i, m := range raw {
+		if m.Role == nil || m.Content == nil {
+			return nil, fmt.Errorf("%s: message %d needs a \"role\" and a \"content\" string", path, i)
+		}
+		msgs[i] = ChatMessage{*m.Role, *m.Content}
+	}
+	return msgs, nil
+}
+
+// conversation is the optional system message followed by msgs.
+func conversation(system string, msgs ...ChatMessage) []ChatMessage {
+	if system == "" {
+		return msgs
+	}
+	return append([]ChatMessage{{"system", system}}, msgs...)
+}
+
+// repl chats: each line is a user message; the whole conversation is
+// rendered with the chat template every turn, and the session's KV cache
+// keeps what the previous turn already computed.
 func repl(m *Model, s *Session, o *options, cfg SamplerConfig) error {
 	in := bufio.NewScanner(os.Stdin)
 	in.Buffer(make([]byte, 1<<20), 1<<20)
 	smp := NewSampler(cfg)
 	fmt.Fprintln(os.Stderr, m.String())
-	fmt.Fprintln(os.Stderr, "type a prompt and press enter; /reset clears the context, /quit or Ctrl-D exits")
-	var hist []int32
+	fmt.Fprintf(os.Stderr, "chat template: %s; type a message and press enter; /reset starts over, /quit or Ctrl-D exits\n", m.Chat.Kind)
+	msgs := conversation(o.system)
 	for {
 		fmt.Fprint(os.Stderr, "> ")
 		if !in.Scan() {
@@ -225,27 +283,33 @@ func repl(m *Model, s *Session, o *options, cfg SamplerConfig) error {
 		case "/quit", "/exit":
 			return nil
 		case "/reset":
-			hist = hist[:0]
+			msgs = conversation(o.system)
 			s.Reset()
 			continue
 		}
-		ids := m.Tok.Encode(line, len(hist) == 0)
-		prompt := append(append([]int32{}, hist...), ids...)
-		if len(prompt)+o.maxTokens >= s.Ctx {
-			prompt, hist = m.Tok.Encode(line, true), nil
+		msgs = append(msgs, ChatMessage{"user", line})
+		prompt, err := m.Chat.Render(msgs, true)
+		keep := len(conversation(o.system)) // the system message stays
+		for err == nil && len(prompt)+o.maxTokens >= s.Ctx && len(msgs) > keep+1 {
+			msgs = append(msgs[:keep], msgs[keep+1:]...) // the oldest turns go first when the context is full
+			prompt, err = m.Chat.Render(msgs, true)
 		}
+		if err != nil {
+			return err
+		}
+		var reply strings.Builder
 		st, err := Generate(s, m.Tok, prompt, o.maxTokens, smp, func(t string) bool {
 			fmt.Print(t)
+			reply.WriteString(t)
 			return true
 		})
 		fmt.Println()
 		if err != nil {
 			fmt.Fprintln(os.Stderr, "nanollama: error:", err)
+			msgs = msgs[:len(msgs)-1]
 			continue
 		}
-		// The conversation so far is this prompt and its reply (the last
-		// reply token may not be in the cache yet; the next turn feeds it).
-		hist = append(prompt, st.Output...)
+		msgs = append(msgs, ChatMessage{"assistant", reply.String()})
 		fmt.Fprintln(os.Stderr, st)
 	}
 }

@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"math"
+	"os"
 )
 
 // Config is the llama hyper-parameters read from GGUF metadata.
@@ -66,6 +67,7 @@ type Model struct {
 	ropeSin []float32
 	ropeLen int // positions the tables cover
 	Tok     *Tokenizer
+	Chat    *ChatTemplate // how conversations become token ids (set with the tokenizer)
 }
 
 // LoadModel maps a llama GGUF and wires its tensors.
@@ -244,6 +246,7 @@ func (m *Model) SetTokenizer(tok *Tokenizer) error {
 		return fmt.Errorf("the tokenizer has %d tokens but token_embd.weight only %d rows", len(tok.Tokens), m.TokEmb.Rows)
 	}
 	m.Tok = tok
+	m.Chat = NewChatTemplate(m.File, tok, os.Stderr)
 	return nil
 }
 

@@ -115,6 +115,9 @@ func NewTokenizer(g *GGUFFile) (*Tokenizer, error) {
 	if t.EOT, err = getID("tokenizer.ggml.eot_token_id", -1); err != nil {
 		return nil, err
 	}
+	if id, ok := t.ids[tokEndOfTurn]; ok && t.EOT < 0 {
+		t.EOT = id // a Llama 3 vocabulary without the key: llama.cpp finds end of turn by this text too
+	}
 	t.AddBOS = g.metaBool("tokenizer.ggml.add_bos_token", t.AddBOS)
 	t.AddEOS = g.metaBool("tokenizer.ggml.add_eos_token", false)
 	t.AddSpacePrefix = g.metaBool("tokenizer.ggml.add_space_prefix", t.AddSpacePrefix)

@@ -100,9 +100,10 @@ def random_params(*, vocab: int, dim: int = 256, n_layer: int = 2, n_head: int =
 
 def write_model(path: Path, params: dict, vocab=None, *, qtype=gguf.GGMLQuantizationType.F32,
                 n_head: int = 4, n_kv: int = 2, ctx: int = 512, rope_base: float = 10000.0,
-                raw: dict | None = None, tokenizer: bool = True) -> Path:
+                raw: dict | None = None, tokenizer: bool = True, metadata: dict | None = None) -> Path:
     """Writes a llama GGUF. Matrices are stored as qtype (norms stay F32);
-    `raw` maps names to (bytes uint8 array, GGMLQuantizationType) written as is."""
+    `raw` maps names to (bytes uint8 array, GGMLQuantizationType) written as is;
+    `metadata` adds keys (str values as strings, int values as uint32)."""
     dim = params["token_embd.weight"].shape[1]
     n_layer = sum(1 for k in params if k.endswith("attn_q.weight"))
     ffn = params["blk.0.ffn_gate.weight"].shape[0]
@@ -131,6 +132,8 @@ def write_model(path: Path, params: dict, vocab=None, *, qtype=gguf.GGMLQuantiza
         w.add_unk_token_id(0)
         w.add_add_bos_token(True)
         w.add_add_eos_token(False)
+    for key, value in (metadata or {}).items():
+        (w.add_string if isinstance(value, str) else w.add_uint32)(key, value)
     raw = raw or {}
     for name, arr in params.items():
         if name in raw:

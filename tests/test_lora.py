@@ -1,9 +1,9 @@
 """Issue 6 acceptance 4: a gamma as a llama.cpp LoRA adapter — base GGUF + adapter gives the logits of
 the GGUF of the injected model.
 
-LoRA in llama.cpp applies to matrix multiplications (and the token embedding lookup) only, so the
-deltas here are put on every matrix and the embedding, and the norm deltas are zero; a separate
-test checks that nonzero norm deltas are named in a warning (or refused with --require-complete).
+LoRA in llama.cpp applies to matrix multiplications (and the token embedding lookup) only; the deltas
+here are put on every matrix and the embedding, and, in the norm tests, on the norms too (folded into
+the matrices each norm feeds).
 Random weights of a realistic scale stand in for trained ones: the adapter path is what is tested.
 """
 import itertools
@@ -148,16 +148,85 @@ def test_other_tokenizer_is_refused(setup, tmp_path):
     assert r.returncode == 1 and "tokenizer sha256" in r.stderr and not (tmp_path / "x.gguf").exists()
 
 
-def test_norm_deltas_are_named_or_refused(setup, config, tmp_path):
+def _with_norm_changes(config, tensors, seed=2):
+    """Norm deltas: layer 0's attn_norm at 5 positions, layer 1's ffn_norm and the final norm everywhere."""
+    rng = np.random.default_rng(seed)
+    t = dict(tensors)
+    d = config.n_embd
+    few = np.zeros(d, np.float32)
+    few[rng.choice(d, 5, replace=False)] = rng.uniform(0.3, 0.6, 5)
+    t["layers.0.attn_norm.weight"] = G.Dense(few)
+    t["layers.1.ffn_norm.weight"] = G.Dense(rng.uniform(-0.4, 0.4, d).astype(np.float32))
+    t["norm.weight"] = G.Dense(rng.uniform(-0.4, 0.4, d).astype(np.float32))
+    return t
+
+
+def test_norm_changes_fold_exactly(setup, config, tokenizer_file, tmp_path):
+    """Issue 15: a personality whose norms changed — base GGUF + adapter = the injected model (F32), for a dense
+    gamma and for a rank-8 one (few changed positions: rank 8 + 5; changed everywhere: full rank)."""
     root, base, g = setup
-    t = dict(g.tensors)
-    t["layers.1.ffn_norm.weight"] = G.Dense(np.full(config.n_embd, 0.1, np.float32))
-    G.save_gamma(G.Gamma(t, config), tmp_path / "norm.npz")
-    r = lora_cli(tmp_path / "norm.npz", "--base", root / "base.gguf", "-o", tmp_path / "a.gguf")
-    assert r.returncode == 0, r.stderr
-    assert r.stderr.startswith("warning: not carried") and "blk.1.ffn_norm.weight" in r.stderr
-    r = lora_cli(tmp_path / "norm.npz", "--base", root / "base.gguf", "-o", tmp_path / "b.gguf", "--require-complete")
-    assert r.returncode == 1 and "blk.1.ffn_norm.weight" in r.stderr and not (tmp_path / "b.gguf").exists()
+    from gguf import GGUFReader
+
+    for name, gamma in (("dense", g), ("r8", G.compress(g, rank=8))):
+        normed = G.Gamma(_with_norm_changes(config, gamma.tensors), config)
+        G.save_gamma(normed, tmp_path / f"{name}.npz")
+        r = lora_cli(tmp_path / f"{name}.npz", "--base", root / "base.gguf", "-o", tmp_path / f"{name}.gguf")
+        assert r.returncode == 0, r.stderr
+        assert "folded" in r.stdout and "blk.1.ffn_norm.weight" in r.stdout and r.stderr == ""
+        inj = _injected_gguf(tmp_path, base, normed, config, tokenizer_file, f"inj-{name}.gguf")
+        no_norms = _injected_gguf(tmp_path, base, G.Gamma(gamma.tensors, config), config, tokenizer_file,
+                                  f"inj-{name}-nonorm.gguf")
+        want = logits(inj, IDS)
+        got = logits(root / "base.gguf", IDS, lora=tmp_path / f"{name}.gguf")
+        norm_effect = np.abs(want - logits(no_norms, IDS)).max()
+        diff = np.abs(got - want).max()
+        print(f"{name}: max |logit diff| {diff:.2e} (the norm changes alone move logits by {norm_effect:.2f})")
+        assert norm_effect > 0.1
+        assert diff <= 1e-3
+        if name == "r8":
+            shapes = {t.name: tuple(reversed(t.shape.tolist())) for t in GGUFReader(str(tmp_path / "r8.gguf")).tensors}
+            assert shapes["blk.0.attn_q.weight.lora_a"] == (13, 64)  # rank 8 + 5 changed norm positions
+            assert shapes["blk.1.ffn_gate.weight.lora_a"] == (64, 64)  # changed everywhere: full rank
+            assert shapes["blk.0.ffn_gate.weight.lora_a"] == (8, 64)  # no norm change: the gamma's own rank
+
+
+def test_max_rank_truncates_with_the_stated_error(setup, config, tmp_path):
+    """--max-rank R: every adapter matrix at rank ≤ R, each B·A the best rank-R approximation of the exact
+    (norm-folded) delta, and the relative Frobenius error reported is that of the SVD tail."""
+    root, base, g = setup
+    from gguf import GGUFReader
+
+    from export.lora import write_lora
+
+    normed = G.Gamma(_with_norm_changes(config, g.tensors), config)
+    exact = write_lora(normed, root / "base.gguf", tmp_path / "exact.gguf")
+    capped = write_lora(normed, root / "base.gguf", tmp_path / "r4.gguf", max_rank=4)
+    assert not exact["truncated"] and set(capped["ranks"].values()) == {4}
+
+    def deltas(path, info):  # the delta llama.cpp applies: (alpha / r)·B·A
+        t = {x.name: np.asarray(x.data, np.float64) for x in GGUFReader(str(path)).tensors}
+        return {k: info["alpha"] / info["ranks"][k] * t[k + ".lora_b"] @ t[k + ".lora_a"] for k in info["ranks"]
+                if k != "token_embd.weight"}
+
+    full, r4 = deltas(tmp_path / "exact.gguf", exact), deltas(tmp_path / "r4.gguf", capped)
+    for k in ("blk.0.attn_q.weight", "blk.1.ffn_gate.weight", "output.weight"):
+        sv = np.linalg.svd(full[k], compute_uv=False)
+        tail = np.sqrt(np.sum(sv[4:] ** 2) / np.sum(sv ** 2))
+        assert tail > 0.1 and abs(capped["truncated"][k] - tail) < 1e-5, k
+        assert abs(np.linalg.norm(full[k] - r4[k]) / np.linalg.norm(full[k]) - tail) < 1e-4, k
+
+
+def test_a_norm_that_cannot_fold_is_refused(setup, config, tokenizer_file, tmp_path):
+    """A base norm entry of 0 cannot be scaled into a nonzero personality value: one line, nothing written."""
+    root, base, g = setup
+    zero = dict(base)
+    zero["layers.1.ffn_norm.weight"] = base["layers.1.ffn_norm.weight"].copy()
+    zero["layers.1.ffn_norm.weight"][7] = 0
+    write_gguf(from_state_dict(zero, config), config, tokenizer_file, tmp_path / "zero.gguf", progress=False)
+    G.save_gamma(G.Gamma(_with_norm_changes(config, g.tensors), config), tmp_path / "norm.npz")
+    r = lora_cli(tmp_path / "norm.npz", "--base", tmp_path / "zero.gguf", "-o", tmp_path / "x.gguf")
+    assert r.returncode == 1 and "blk.1.ffn_norm.weight" in r.stderr and "first 7" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.gguf").exists()
 
 
 def test_mismatched_base_is_refused(setup, config, tmp_path, tokenizer_file):

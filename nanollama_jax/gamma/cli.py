@@ -3,8 +3,8 @@
     python -m nanollama_jax.gamma extract --personality runs/pirate --base runs/base -o pirate.npz
     python -m nanollama_jax.gamma inject --base runs/base --gamma pirate.npz --alpha 0.8 -o runs/base+pirate
     python -m nanollama_jax.gamma compose pirate.npz poet.npz --weights 1 0.5 -o mix.npz
-    python -m nanollama_jax.gamma compress pirate.npz --rank 8 -o pirate-r8.npz \\
-        --base runs/base --personality runs/pirate --data data/pirate      # + fidelity report
+    python -m nanollama_jax.gamma compress pirate.npz -o pirate-small.npz \\
+        --base runs/base --personality runs/pirate --data data/pirate      # 20% of the size + fidelity report
     python -m nanollama_jax.gamma stats pirate.npz --base runs/base --reference runs/base-seed1
 
 gamma = θ_personality − θ_base over the whole param pytree; inject gives θ = θ_base + α·gamma.
@@ -30,7 +30,12 @@ shapes. A mismatch is one error listing every difference, and nothing is written
 i takes gamma layer j = floor(i·(L_g−1)/(L_b−1) + 1/2) (j = 0 when L_b = 1): first maps to first,
 last to last, the rest proportionally to the nearest layer.
 
-compress: three groups — layers (the 2-D matrices inside the layers), head (output), embedding.
+compress: with no setting, `--budget 0.2` — the gamma shrinks to 20% of its dense float32 size (file
+bookkeeping included), float16 storage, and the budget is shared out automatically: for each matrix the
+truncated-SVD rank, the number of top-|value| entries, or dense, whichever buys most per byte of what
+matters (`nanollama_jax.gamma.budget`). Without data, "what matters" is the share of ‖γ‖²; with --base and
+--data, each matrix's energy is priced by the loss it costs to leave that matrix's gamma out. Or set it
+by hand, in three groups — layers (the 2-D matrices inside the layers), head (output), embedding.
 `--rank R` gives the layer matrices and head a truncated SVD of rank R; `--energy E` picks each
 matrix's rank as the smallest keeping the fraction E of its ‖γ‖² (adapts to each spectrum; with
 --rank, capped at R); `--density D` keeps the top fraction D (by |value|) as a sparse COO list.
@@ -52,9 +57,10 @@ from pathlib import Path
 
 import numpy as np
 
-from nanollama_base.cli import ArgumentParser, run_cli
+from nanollama_base.cli import ArgumentParser, Progress, run_cli
 from .compat import check_compatible, gamma_side, load_state, run_side
-from .compress import GROUPS, compress, fidelity, parse_spec, personality_loss_fn
+from .compress import (DEFAULT_BUDGET, GROUPS, compress, compress_to_budget, fidelity, parse_spec,
+                       personality_loss_fn, sensitivities)
 from .layouts import load_gamma, save_gamma
 from .ops import apply_gamma, compose, cross_depth_map, extract, inject_into, n_layers
 from .stats import format_stats, plot_stats, stats
@@ -105,6 +111,17 @@ def _cmd_compose(a):
     print(f"wrote {a.output} ({' + '.join(f'{w:g}·{p}' for w, p in zip(weights, a.gammas))}, {_fmt_bytes(size)})")
 
 
+def _allocation_summary(alloc: dict) -> str:
+    """'13 low rank (rank 1–57), 3 sparse (86–10,701 entries), 0 dense' (the per-tensor list is in the file)."""
+    parts = []
+    for kind, label, unit in (("rank", "low rank", "rank "), ("entries", "sparse", "")):
+        v = [spec[kind] for spec in alloc.values() if kind in spec]
+        span = f" ({unit}{min(v):,}–{max(v):,}{' entries' if kind == 'entries' else ''})" if v else ""
+        parts.append(f"{len(v)} {label}{span}")
+    parts.append(f"{sum('dense' in spec for spec in alloc.values())} dense")
+    return ", ".join(parts)
+
+
 def _cmd_compress(a):
     g = load_gamma(a.gamma)
     # check everything the fidelity report needs before any work
@@ -122,22 +139,42 @@ def _cmd_compress(a):
             sides.append(run_side(f"personality {a.personality}", open_run(a.personality)))
         for n in check_compatible(sides, what="measure fidelity"):
             print(f"note: {n}", file=sys.stderr)
+        rb, base = load_state(a.base)
+        pers = load_state(a.personality)[1] if a.personality else apply_gamma(base, g)
+        seq = a.seq_len or min(rb.config.sequence_len, 256)
+        loss_fn = personality_loss_fn(rb.config, a.data, seq, a.batch_size, a.batches)
     specs = {grp: parse_spec(getattr(a, grp), f"--{grp}") for grp in GROUPS if getattr(a, grp)}
-    c = compress(g, a.rank, a.density, a.energy, a.dtype, specs)
+    settings = specs or any(v is not None for v in (a.rank, a.density, a.energy))
+    if settings and a.budget is not None:
+        raise ValueError("--budget chooses every setting itself: give it alone, or --rank/--energy/--density")
+    if settings:
+        dtype = a.dtype or "float32"
+        c = compress(g, a.rank, a.density, a.energy, dtype, specs)
+        plan = c.info["compressed_from"]["plan"]
+        print(f"compressed {a.gamma} ({dtype}): " + "; ".join(
+            f"{grp} {', '.join(f'{k} {v}' for k, v in plan[grp].items()) or 'dense'}" for grp in GROUPS))
+    else:
+        dtype = a.dtype or "float16"
+        # with the report's data, each matrix is priced by what its gamma is worth to the loss
+        weights = None
+        if report_wanted:
+            bar = Progress(sum(len(e.shape) > 1 for e in g.tensors.values()), desc="pricing matrices by the loss",
+                           unit="matrix")
+            weights = sensitivities(base, pers, g, rb.config, loss_fn, bar)
+            bar.close()
+        else:
+            print("note: no --base/--data: the budget is shared by ‖γ‖² alone, not weighted by the loss, and no "
+                  "fidelity is measured", file=sys.stderr)
+        c = compress_to_budget(g, DEFAULT_BUDGET if a.budget is None else a.budget, dtype, weights)
+        print(f"compressed {a.gamma} ({dtype}) to a budget of {100 * c.info['compressed_from']['budget']:g}% of "
+              f"the dense size: {_allocation_summary(c.info['compressed_from']['allocation'])}")
     dense_bytes, size = c.dense_nbytes(), c.nbytes()
-    plan = c.info["compressed_from"]["plan"]
-    print(f"compressed {a.gamma} ({a.dtype}): " + "; ".join(
-        f"{grp} {', '.join(f'{k} {v}' for k, v in plan[grp].items()) or 'dense'}" for grp in GROUPS))
     if c.info["ranks"]:
         print("ranks: " + ", ".join(f"{k} {r}" for k, r in c.info["ranks"].items()))
     print(f"size: {_fmt_bytes(size)} of tensor data vs {_fmt_bytes(dense_bytes)} dense float32 "
           f"({100 * size / dense_bytes:.1f}%)")
     c.info["size"] = {"bytes": size, "dense_bytes": dense_bytes, "ratio": size / dense_bytes}
     if report_wanted:
-        rb, base = load_state(a.base)
-        pers = load_state(a.personality)[1] if a.personality else apply_gamma(base, g)
-        seq = a.seq_len or min(rb.config.sequence_len, 256)
-        loss_fn = personality_loss_fn(rb.config, a.data, seq, a.batch_size, a.batches)
         f = fidelity(base, pers, c, rb.config, loss_fn)
         c.info["fidelity"] = {**f, "data": str(a.data), "seq_len": seq}
         print(f"fidelity on {a.data} (val): loss base {f['loss_base']:.4f}, personality {f['loss_personality']:.4f}, "
@@ -216,11 +253,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=_cmd_compose)
 
     k = sub.add_parser("compress", help="low-rank and/or sparse gamma, with a fidelity report",
-                       description="--rank R: truncated SVD of every layer matrix and the output head; --density D: "
+                       description="With no setting: 20% of the dense size (--budget), shared out automatically "
+                                   "over the tensors (weighted by the loss when --base and --data are given). "
+                                   "--rank R: truncated SVD of every layer matrix and the output head; --density D: "
                                    "top-|value| fraction of each tensor (the token embedding takes D when given, else "
                                    "R); norms stay dense. With --base --data [--personality]: the share of the "
                                    "personality loss gap kept on the personality validation text.",
-                       epilog="examples:\n  python -m nanollama_jax.gamma compress pirate.npz --rank 8 -o pirate-r8.npz\n"
+                       epilog="examples:\n  python -m nanollama_jax.gamma compress pirate.npz -o pirate-small.npz "
+                              "--base runs/base --personality runs/pirate --data data/pirate\n"
+                              "  python -m nanollama_jax.gamma compress pirate.npz --rank 8 -o pirate-r8.npz\n"
                               "  python -m nanollama_jax.gamma compress pirate.npz --energy 0.75 --head density:0.25 "
                               "--embedding density:0.01 \\\n      --dtype float16 -o pirate-small.npz --base runs/base "
                               "--personality runs/pirate --data data/pirate")
@@ -232,8 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
     for grp in GROUPS:
         k.add_argument(f"--{grp}", metavar="SPEC",
                        help=f"override for the {grp} group: rank:R, energy:E, density:D (comma-separated) or dense")
-    k.add_argument("--dtype", choices=("float32", "float16"), default="float32",
-                   help="storage of factors and kept values (default float32; norms stay float32)")
+    k.add_argument("--budget", type=float,
+                   help=f"size as a fraction of the dense float32 size, shared out automatically over the tensors "
+                        f"(the default when no other setting is given: {DEFAULT_BUDGET:g})")
+    k.add_argument("--dtype", choices=("float32", "float16"),
+                   help="storage of factors and kept values (default float16 with --budget, else float32; "
+                        "norms stay float32)")
     k.add_argument("-o", "--output", required=True)
     k.add_argument("--base", help="fidelity report: the base run")
     k.add_argument("--personality", help="fidelity report: the personality run (default base + dense gamma)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..config import LlamaConfig
+from .budget import allocate
 from .encodings import Dense, Gamma, LowRank, Sparse
 from .ops import apply_gamma
 
@@ -24,8 +25,12 @@ def low_rank(a: np.ndarray, rank: int | None = None, energy: float | None = None
 
 
 def top_fraction(a: np.ndarray, density: float, dtype=np.float32) -> Sparse:
+    return top_entries(a, int(round(density * np.size(a))), dtype)
+
+
+def top_entries(a: np.ndarray, n: int, dtype=np.float32) -> Sparse:
+    """The n entries of largest |value|, as a sparse tensor."""
     flat = np.asarray(a, np.float32).ravel()
-    n = int(round(density * flat.size))
     if n >= flat.size:
         idx = np.arange(flat.size)
     elif n <= 0:
@@ -80,6 +85,41 @@ def default_specs(rank=None, density=None, energy=None) -> dict:
     return {"layers": main, "head": main, "embedding": sparse or lowrank}
 
 
+DEFAULT_BUDGET = 0.2  # of the dense float32 size, when no setting is given
+ARRAY_OVERHEAD = 300  # bytes an .npz array costs besides its data
+
+
+def compress_to_budget(g: Gamma, budget: float = DEFAULT_BUDGET, dtype: str = "float16",
+                       weights: dict | None = None) -> Gamma:
+    """Compression to `budget` × the dense float32 size, shared out over the tensors by `budget.allocate`
+    (per matrix: the rank, the number of top entries, or dense that buys most of ‖γ‖² per byte).
+    `weights` ({name: loss per unit of ‖γ‖²}, from `sensitivities`) make a unit of energy in a tensor
+    that matters more to the loss worth more; without them every unit of ‖γ‖² counts the same."""
+    if dtype not in ("float32", "float16"):
+        raise ValueError(f"--dtype must be float32 or float16, got {dtype}")
+    if not 0 < budget <= 1:
+        raise ValueError(f"--budget must be in (0, 1], got {budget}")
+    dense = g.dense_state()
+    # the file's own bookkeeping is paid from the budget too (a zip entry and an .npy header, ~300 bytes an
+    # array, up to two arrays a tensor), so the file on disk keeps to it, not only its tensor data
+    overhead = 2 * ARRAY_OVERHEAD * len(dense)
+    specs = allocate(dense, budget * g.dense_nbytes() - overhead, np.dtype(dtype).itemsize, weights)
+    tensors = {}
+    for k, a in dense.items():
+        spec = specs.get(k, {"dense": True})
+        if "dense" in spec:
+            tensors[k] = Dense(a)
+        elif "entries" in spec:
+            tensors[k] = top_entries(a, spec["entries"], dtype)
+        else:
+            tensors[k] = low_rank(a, spec["rank"], dtype=dtype)
+    info = dict(g.info)
+    info["compressed_from"] = {"gamma": g.source, "budget": budget, "dtype": dtype, "allocation": specs,
+                               "weighted_by_loss": weights is not None}
+    info["ranks"] = {k: t.rank for k, t in tensors.items() if t.kind == "lowrank"}
+    return Gamma(tensors, g.config, g.tokenizer_sha256, g.base_fingerprint, None, None, info, g.source)
+
+
 def compress(g: Gamma, rank: int | None = None, density: float | None = None, energy: float | None = None,
              dtype: str = "float32", specs: dict | None = None) -> Gamma:
     """Per-group compression (groups: layers, head, embedding); `specs` overrides the defaults of
@@ -125,6 +165,31 @@ def personality_loss_fn(config: LlamaConfig, data_dir, seq_len: int, batch_size:
         return float(np.mean([float(loss(params, b)) for b in vb]))
 
     return fn
+
+
+def sensitivities(base_state: dict, pers_state: dict, g: Gamma, config: LlamaConfig, loss_fn,
+                  progress=None) -> dict:
+    """{matrix name: loss per unit of ‖γ‖²}: how much the personality's loss rises when that matrix's
+    gamma alone is left out, divided by the matrix's ‖γ‖² (the embedding's delta, spread over rows of
+    rare tokens, can be large and matter little; the head's the other way round). Floors at a small
+    positive share so no matrix is priced at nothing. `progress` (a tqdm-like bar) is advanced per matrix."""
+    from ..statedict import from_state_dict
+
+    lp = loss_fn(from_state_dict(pers_state, config))
+    out = {}
+    for k, e in g.tensors.items():
+        if len(e.shape) < 2:
+            continue
+        energy = float(np.sum(np.square(e.dense(), dtype=np.float64)))
+        if not energy:
+            continue
+        without = dict(pers_state)
+        without[k] = np.asarray(pers_state[k], np.float32) - e.dense()
+        out[k] = max(loss_fn(from_state_dict(without, config)) - lp, 0.0) / energy
+        if progress is not None:
+            progress.update()
+    floor = 1e-3 * max(out.values(), default=0.0)
+    return {k: max(v, floor) for k, v in out.items()}
 
 
 def fidelity(base_state: dict, pers_state: dict, compressed: Gamma, config: LlamaConfig, loss_fn) -> dict:
