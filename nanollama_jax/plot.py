@@ -42,6 +42,8 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
     ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train", lw=1)
     if val:
         ax_loss.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
+        best = min(val, key=lambda r: r["val_loss"])  # the step runs/<tag>/best holds
+        ax_loss.plot(best["step"], best["val_loss"], "*", ms=14, color="tab:red", label=f"best (step {best['step']})")
         ax_bpb.plot([r["step"] for r in val], [r["val_bpb"] for r in val], "o-", color="tab:green")
     ax_loss.set(title="loss (nats/token)", xlabel="step")
     ax_loss.legend()
@@ -59,13 +61,18 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
     return output
 
 
+LEGEND_TASKS = 10  # beyond this many tasks (CORE has 22) a legend would hide the curves
+
+
 def plot_tasks(ax, scored: list[dict]) -> None:
-    """Each task's accuracy and the mean centred accuracy, per evaluation step."""
+    """Each task's accuracy (thin lines, named when few) and the mean centred accuracy, per evaluation."""
     steps = [r["step"] for r in scored]
-    for label in scored[-1]["tasks"]:
-        ax.plot(steps, [r["tasks"].get(label, {}).get("accuracy", float("nan")) for r in scored], lw=1, label=label)
-    ax.plot(steps, [r["centred_mean"] for r in scored], "o-", color="black", label="centred mean")
-    ax.set(title="task accuracy", xlabel="step")
+    labels = list(scored[-1]["tasks"])
+    for label in labels:
+        ax.plot(steps, [r["tasks"].get(label, {}).get("accuracy", float("nan")) for r in scored], lw=1,
+                alpha=0.6, label=label if len(labels) <= LEGEND_TASKS else None)
+    ax.plot(steps, [r["centred_mean"] for r in scored], "o-", color="black", label="mean centred accuracy")
+    ax.set(title=f"task accuracy ({len(labels)} tasks)", xlabel="step")
     ax.legend(fontsize="small")
 
 
