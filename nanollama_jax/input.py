@@ -36,7 +36,7 @@ import numpy as np
 
 from nanollama_base.shards import DataError, load_meta
 
-__all__ = ["Batches", "DataError", "TokenWindows", "bytes_per_token", "load_meta", "validation_batches"]
+__all__ = ["Batches", "DataError", "TokenWindows", "load_meta", "validation_batches"]
 
 
 class TokenWindows:
@@ -320,30 +320,3 @@ def validation_batches(data_dir, *, seq_len: int, batch_size: int, max_batches: 
         return [np.stack([win[i % n] for i in range(batch_size)])]
     count = min(max_batches, n // batch_size)
     return [np.stack([win[b * batch_size + i] for i in range(batch_size)]) for b in range(count)]
-
-
-def bytes_per_token(data_dir) -> float:
-    """UTF-8 bytes per token of the val split (for bits per byte = loss_nats / ln 2 / this).
-    From meta.json; for nanollama folders (which do not record bytes) measured by decoding up
-    to 1M val tokens with the tokenizer."""
-    meta = load_meta(data_dir)
-    val = meta["val"]
-    if not val["tokens"]:
-        raise DataError(f"{meta['dir']}: no validation tokens to measure bytes per token")
-    if val["bytes"]:
-        return float(val["bytes"]) / float(val["tokens"])
-    if meta["tokenizer_path"] is None:
-        raise DataError(f"{meta['dir'] / 'meta.json'}: no val byte count and no tokenizer.model to measure it")
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=str(meta["tokenizer_path"]))
-    ids, left = [], 1_000_000
-    for s in val["shards"]:
-        take = min(left, s["tokens"])
-        ids.append(np.fromfile(s["path"], dtype=meta["dtype"], count=take))
-        left -= take
-        if left <= 0:
-            break
-    ids = np.concatenate(ids).astype(np.int64)
-    text = sp.decode(ids.tolist())
-    return len(text.encode("utf-8")) / len(ids)

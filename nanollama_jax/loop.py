@@ -16,7 +16,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from nanollama_base.cli import Progress
 
@@ -89,10 +88,11 @@ class Metrics:
                 f.write(json.dumps(record) + "\n")
 
 
-def train_loop(setup, schedule: Schedule, run: checkpoint.Run, mgr, batches, validation: list[np.ndarray],
-               bytes_per_token: float, state, start_step: int) -> int:
+def train_loop(setup, schedule: Schedule, run: checkpoint.Run, mgr, batches, evaluation, state,
+               start_step: int) -> int:
     """Train from `start_step` to the plan's end (or `schedule.stop_after` steps, or a signal),
-    inside `setup.activate()`. Returns the step reached; a checkpoint is saved there."""
+    inside `setup.activate()`; `evaluation` (a train_eval.TrainingEval) runs at each evaluation step.
+    Returns the step reached; a checkpoint is saved there."""
     plan, config = setup.plan, setup.config
     params, opt_state = state
     metrics = Metrics(run.dir / "metrics.jsonl", start_step)
@@ -107,7 +107,6 @@ def train_loop(setup, schedule: Schedule, run: checkpoint.Run, mgr, batches, val
         stop["signal"] = signal.Signals(signum).name
 
     handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    val_local = [local_rows(v) for v in validation]
     window: list[float] = []  # recent step times, compilation excluded
     bar = Progress(plan.steps, initial=start_step, desc="train", unit="step", enabled=jax.process_index() == 0)
     step = saved_at = start_step
@@ -138,11 +137,11 @@ def train_loop(setup, schedule: Schedule, run: checkpoint.Run, mgr, batches, val
                     bar.write(f"step {step:5d}/{plan.steps} | loss {loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
                               f"{tok_s:,.0f} tok/s | MFU {mfu * 100:.1f}% | ETA {format_eta(eta)}")
             if step % schedule.eval_every == 0 or step == plan.steps:
-                val_loss = float(np.mean([float(setup.eval_step(params, setup.eval_batch(v))) for v in val_local]))
-                bpb = val_loss / math.log(2) / bytes_per_token
-                metrics.write(step=step, val_loss=val_loss, val_bpb=bpb)
+                record, lines = evaluation.evaluate(params, step, checkpoint_meta(plan, batches, step))
+                metrics.write(step=step, **record)
                 if jax.process_index() == 0:
-                    bar.write(f"step {step:5d} | validation loss {val_loss:.4f} | {bpb:.3f} bits per byte")
+                    for line in lines:
+                        bar.write(line)
             if schedule.sample_every and (step % schedule.sample_every == 0 or step == plan.steps):
                 for text in samples(params, config, run.tokenizer_path, plan.seed):
                     metrics.write(step=step, sample=text)
@@ -158,14 +157,10 @@ def train_loop(setup, schedule: Schedule, run: checkpoint.Run, mgr, batches, val
         bar.close()
         mgr.wait_until_finished()
         mgr.close()
+        evaluation.close()
         for s, h in handlers.items():
             signal.signal(s, h)
     return step
-
-
-def local_rows(batch: np.ndarray) -> np.ndarray:
-    n = batch.shape[0] // jax.process_count()
-    return batch[jax.process_index() * n:(jax.process_index() + 1) * n]
 
 
 def checkpoint_meta(plan, batches, step: int) -> dict:

@@ -1,4 +1,5 @@
-"""Plot a run's curves (training and validation loss, bits per byte, learning rate) as a PNG.
+"""Plot a run's curves (training and validation loss, bits per byte, task accuracy when the run
+scored tasks, learning rate) as a PNG.
 
     python -m nanollama_jax.plot runs/tiny            # writes runs/tiny/curves.png
 """
@@ -34,14 +35,21 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
     rows = read_metrics(run_dir)
     train = [r for r in rows if "loss" in r]
     val = [r for r in rows if "val_loss" in r]
-    fig, (ax_loss, ax_bpb, ax_lr) = plt.subplots(1, 3, figsize=(15, 4))
+    scored = [r for r in rows if "tasks" in r]
+    panels = 4 if scored else 3
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4))
+    ax_loss, ax_bpb, ax_lr = axes[0], axes[1], axes[-1]
     ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train", lw=1)
     if val:
         ax_loss.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
+        best = min(val, key=lambda r: r["val_loss"])  # the step runs/<tag>/best holds
+        ax_loss.plot(best["step"], best["val_loss"], "*", ms=14, color="tab:red", label=f"best (step {best['step']})")
         ax_bpb.plot([r["step"] for r in val], [r["val_bpb"] for r in val], "o-", color="tab:green")
     ax_loss.set(title="loss (nats/token)", xlabel="step")
     ax_loss.legend()
     ax_bpb.set(title="validation bits per byte", xlabel="step")
+    if scored:
+        plot_tasks(axes[2], scored)
     ax_lr.plot([r["step"] for r in train], [r["lr"] for r in train], color="tab:red")
     ax_lr.set(title="learning rate (hidden matrices)", xlabel="step")
     fig.suptitle(run_dir.name)
@@ -51,6 +59,21 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
     return output
+
+
+LEGEND_TASKS = 10  # beyond this many tasks (CORE has 22) a legend would hide the curves
+
+
+def plot_tasks(ax, scored: list[dict]) -> None:
+    """Each task's accuracy (thin lines, named when few) and the mean centred accuracy, per evaluation."""
+    steps = [r["step"] for r in scored]
+    labels = list(scored[-1]["tasks"])
+    for label in labels:
+        ax.plot(steps, [r["tasks"].get(label, {}).get("accuracy", float("nan")) for r in scored], lw=1,
+                alpha=0.6, label=label if len(labels) <= LEGEND_TASKS else None)
+    ax.plot(steps, [r["centred_mean"] for r in scored], "o-", color="black", label="mean centred accuracy")
+    ax.set(title=f"task accuracy ({len(labels)} tasks)", xlabel="step")
+    ax.legend(fontsize="small")
 
 
 def main(argv=None):

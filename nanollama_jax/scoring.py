@@ -195,16 +195,26 @@ def centred(accuracy: float, baseline: float) -> float:
     return (accuracy - baseline) / (1.0 - baseline)
 
 
+def prepare_tasks(tasks: Sequence[Task], tokenizer, max_len: int, max_items: int | None = None) -> list:
+    """Each task with the token rows of its first `max_items` items (all when None): tokenized
+    once, so training can score them at every evaluation without tokenizing again."""
+    return [(t, task_rows(t, tokenizer, max_len, max_items)) for t in tasks]
+
+
 def evaluate_tasks(params: Params, config: LlamaConfig, tokenizer, tasks: Sequence[Task], *,
-                   max_items: int | None = None, scoring: str = "mean", mesh: Mesh | None = None,
-                   batch_size: int = 16, progress: bool = False, details: bool = False) -> dict:
+                   max_items: int | None = None, **options) -> dict:
     """Accuracy and centred accuracy of every task, and their mean. `max_items` caps the items per
-    task (the first of the task's fixed shuffle); `batch_size` is rows per fsdp shard; `details` adds
-    each item's gold, prediction and option scores (mean loss or summed log-likelihood, by `scoring`)."""
+    task (the first of the task's fixed shuffle); the options are :func:`score_tasks`'s."""
+    return score_tasks(params, config, prepare_tasks(tasks, tokenizer, config.sequence_len, max_items), **options)
+
+
+def score_tasks(params: Params, config: LlamaConfig, prepared: list, *, scoring: str = "mean",
+                mesh: Mesh | None = None, batch_size: int = 16, progress: bool = False, details: bool = False) -> dict:
+    """Scores :func:`prepare_tasks`'s rows: `batch_size` is rows per fsdp shard; `details` adds each
+    item's gold, prediction and option scores (mean loss or summed log-likelihood, by `scoring`)."""
     if scoring not in SCORINGS:
         raise ValueError(f"scoring must be one of {', '.join(SCORINGS)}, got {scoring!r}")
     mesh = mesh or sharding.make_mesh()
-    prepared = [(t, task_rows(t, tokenizer, config.sequence_len, max_items)) for t in tasks]
     total = sum(len(r) for _, items in prepared for r in items)
     bar = Progress(total, desc="eval", unit="row", enabled=progress and jax.process_index() == 0)
     results = {}

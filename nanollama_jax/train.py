@@ -3,8 +3,12 @@
     python -m nanollama_jax.train --size tiny                          # built-in corpus, CPU, minutes
     python -m nanollama_jax.train --size small --mesh 4x1 --data data/fineweb --model-tag small
     python -m nanollama_jax.train --size big --vocab-size 32000 --dry-run   # params, FLOPs, memory
+    python -m nanollama_jax.train --size nano --data data/fineweb --eval-tasks eval_bundle --eval-every 500
 
-A run lives in runs/<tag>/ (config.json, tokenizer.model, checkpoints/, metrics.jsonl, plots).
+A run lives in runs/<tag>/ (config.json, tokenizer.model, checkpoints/, metrics.jsonl, plots), and
+runs/<tag>/best/ holds the weights of the step with the lowest validation loss (a run of its own:
+`--checkpoint runs/<tag>/best` wherever a run is taken). Each evaluation logs validation loss, bits
+per byte and, with --eval-tasks, task accuracy; the run warns when validation loss rises past its best.
 Batch k is a pure function of (seed, k), so `--resume` continues exactly where the last
 checkpoint left off. Ctrl-C (or SIGTERM) saves a checkpoint before exiting.
 """
@@ -75,6 +79,11 @@ def build_parser() -> ArgumentParser:
                    help="stop (with a checkpoint) after this many steps of this invocation")
     p.add_argument("--eval-every", type=positive_int, help="validation every N steps (default: 10 times per run)")
     p.add_argument("--eval-batches", type=positive_int, default=4, help="validation batches per evaluation")
+    p.add_argument("--eval-tasks", nargs="+", metavar="PATH",
+                   help="tasks scored at each evaluation: an eval bundle, folders of .jsonl tasks or .jsonl files "
+                        "(the formats of python -m nanollama_jax.eval)")
+    p.add_argument("--eval-max-items", type=positive_int, default=100,
+                   help="with --eval-tasks: items per task at each evaluation (default 100)")
     p.add_argument("--sample-every", type=non_negative_int,
                    help="text samples every N steps and at the end (0 = never)")
     p.add_argument("--save-every", type=positive_int, help="checkpoint every N steps (default: 10 times per run)")
@@ -111,8 +120,12 @@ def train(args) -> None:
             print("\n".join(setup.compile_report()))
         return
 
-    # 2. data: the vocabulary is the data's
+    # 2. data (the vocabulary is the data's) and the evaluation tasks
     from . import input as input_data
+    from .tasks import load_tasks
+    from .train_eval import BEST, TrainingEval, epochs_lines
+
+    tasks = load_tasks(args.eval_tasks) if args.eval_tasks else []
 
     data_dir = Path(args.data) if args.data else None
     if data_dir is None:
@@ -153,6 +166,10 @@ def train(args) -> None:
     # 4. state and the loop
     log(setup.describe())
     log(f"data: {data_dir} ({meta['train']['tokens']:,} training tokens, {meta['val']['tokens']:,} held out)")
+    for line in epochs_lines(batches, plan.steps, run.dir / BEST):
+        log(line)
+    evaluation = TrainingEval(setup, run, batches, validation, tasks=tasks, max_items=args.eval_max_items,
+                              start_step=start_step)
     schedule = Schedule.for_steps(plan.steps, log_every=args.log_every, eval_every=args.eval_every,
                                   save_every=args.save_every, sample_every=args.sample_every,
                                   stop_after=args.stop_after)
@@ -164,8 +181,7 @@ def train(args) -> None:
             state = setup.init_state(init_run)
             if init_run:
                 log(f"initialised from {init_run.dir} (step {init_run.step})")
-        step = train_loop(setup, schedule, run, mgr, batches, validation, input_data.bytes_per_token(data_dir),
-                          state, start_step)
+        step = train_loop(setup, schedule, run, mgr, batches, evaluation, state, start_step)
     if step == plan.steps:
         log(f"done: {run.dir} (step {step}); plot with python -m nanollama_jax.plot {run.dir}")
         if jax.process_index() == 0:
