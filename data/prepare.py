@@ -33,6 +33,7 @@ from nanollama_base.shards import (DEFAULT_SHARD_SIZE, FORMAT_NAME, FORMAT_VERSI
                                    dtype_name, load_meta, sha256_bytes)
 
 from . import tokenizer as tok
+from .chat import add_chat_tokens, missing_chat_tokens
 from .encode import ShardWriter, document_chunks, encode_chunk, is_val_document, jax_running, ordered_map
 from .sources import PRESETS, BuiltinSource, HFSource, LocalSource, Mixture
 
@@ -102,6 +103,12 @@ def _build(staging: pathlib.Path, mix: Mixture, *, vocab_size, tokenizer_file, v
             raise DataError(f"{tokenizer_file}: not a SentencePiece model") from None
         trained = False
         log(f"Using tokenizer {tokenizer_file} ({sp.get_piece_size():,} pieces)")
+        missing = missing_chat_tokens(model)
+        if missing:  # appended: ordinary ids (so a model trained on the old tokenizer) are unchanged
+            model = add_chat_tokens(model)
+            sp = tok.load(model)
+            log(f"  added the chat tokens {', '.join(missing)} as ids {sp.get_piece_size() - len(missing)}"
+                f"-{sp.get_piece_size() - 1}")
         if vocab_size and vocab_size != sp.get_piece_size() and vocab_size != tok.DEFAULT_VOCAB_SIZE:
             log(f"  (--vocab-size {vocab_size} ignored: the tokenizer decides the vocabulary)")
     else:

@@ -120,11 +120,46 @@ def llama_cpp_tokenize(model, texts, *, timeout: float = 120) -> list[list[int]]
     return _llama_cpp({"op": "tokenize", "texts": list(texts)}, model, timeout)
 
 
+def llama_cpp_chat_ids(model, conversations, *, add_generation_prompt: bool, timeout: float = 120) -> dict:
+    """For each conversation, llama.cpp's token ids of it formatted two ways with the GGUF's own
+    tokenizer.chat_template: {"builtin": llama_chat_apply_template (llama.cpp's C++ formatter),
+    "jinja": llama-cpp-python's Jinja2ChatFormatter (the chat-completions handler)}, plus "template"."""
+    return _llama_cpp({"op": "chat", "conversations": conversations, "add_generation_prompt": add_generation_prompt},
+                      model, timeout)
+
+
+def _chat_ids(llm, req) -> dict:
+    import ctypes
+
+    import llama_cpp
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    template = llm.metadata["tokenizer.chat_template"]
+    bos, eos = (llm.detokenize([i], special=True).decode() for i in (llm.token_bos(), llm.token_eos()))
+    jinja = Jinja2ChatFormatter(template, eos_token=eos, bos_token=bos, add_generation_prompt=req["add_generation_prompt"])
+    out = {"template": template, "builtin": [], "jinja": []}
+    for conv in req["conversations"]:
+        keep = [(m["role"].encode(), m["content"].encode()) for m in conv]
+        msgs = (llama_cpp.llama_chat_message * len(conv))(*(llama_cpp.llama_chat_message(r, c) for r, c in keep))
+        buf = ctypes.create_string_buffer(1 << 16)
+        n = llama_cpp.llama_chat_apply_template(template.encode(), msgs, len(conv), req["add_generation_prompt"],
+                                                buf, len(buf))
+        assert 0 < n < len(buf), n
+        out["builtin"].append(llm.tokenize(buf.raw[:n], add_bos=True, special=True))
+        res = jinja(messages=conv)
+        out["jinja"].append(llm.tokenize(res.prompt.encode(), add_bos=not res.added_special, special=True))
+    return out
+
+
 def _child(request_path: str) -> None:
     import llama_cpp
 
     req = json.loads(Path(request_path).read_text())
     out = Path(req["out"])
+    if req["op"] == "chat":
+        llm = llama_cpp.Llama(model_path=req["model"], vocab_only=True, verbose=False)
+        out.write_text(json.dumps(_chat_ids(llm, req)))
+        return
     if req["op"] == "tokenize":
         llm = llama_cpp.Llama(model_path=req["model"], vocab_only=True, verbose=False)
         out.write_text(json.dumps([llm.tokenize(t.encode(), add_bos=True, special=False) for t in req["texts"]]))
