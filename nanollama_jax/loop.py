@@ -89,7 +89,7 @@ class Metrics:
                 f.write(json.dumps(record) + "\n")
 
 
-def train_loop(setup, schedule: Schedule, run: checkpoint.Run, mgr, batches, validation: list[np.ndarray],
+def train_loop(setup, schedule: Schedule, run: checkpoint.Run, mgr, batches, validation: list,
                bytes_per_token: float, state, start_step: int) -> int:
     """Train from `start_step` to the plan's end (or `schedule.stop_after` steps, or a signal),
     inside `setup.activate()`. Returns the step reached; a checkpoint is saved there."""
@@ -163,9 +163,13 @@ def train_loop(setup, schedule: Schedule, run: checkpoint.Run, mgr, batches, val
     return step
 
 
-def local_rows(batch: np.ndarray) -> np.ndarray:
-    n = batch.shape[0] // jax.process_count()
-    return batch[jax.process_index() * n:(jax.process_index() + 1) * n]
+def local_rows(batch):
+    """This process's share of a batch's rows (an array, or a dict of them such as tokens and a mask)."""
+    def mine(rows: np.ndarray) -> np.ndarray:
+        n = rows.shape[0] // jax.process_count()
+        return rows[jax.process_index() * n:(jax.process_index() + 1) * n]
+
+    return jax.tree_util.tree_map(mine, batch)
 
 
 def checkpoint_meta(plan, batches, step: int) -> dict:

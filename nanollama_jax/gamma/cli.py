@@ -64,7 +64,7 @@ PROG = "python -m nanollama_jax.gamma"
 
 def _write_run(out, run, params, **sections):
     from ..checkpoint import write_params_run
-    from ..files import atomic_dir
+    from nanollama_base.files import atomic_dir
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):
@@ -169,7 +169,7 @@ def _cmd_stats(a):
     png = Path(a.plot) if a.plot else Path(a.gamma).with_suffix(".stats.png")
     plot_stats(s, png, title=f"{Path(a.gamma).name}" + (f" vs {a.reference} − {a.base}" if ref else ""))
     if a.json:
-        from ..files import atomic_path
+        from nanollama_base.files import atomic_path
 
         with atomic_path(a.json) as tmp:
             tmp.write_text(json.dumps(s, indent=1) + "\n")

@@ -26,7 +26,7 @@ def _meta_of(g: Gamma) -> dict:
 
 def save_gamma(g: Gamma, path, layout: str = "ours") -> int:
     """Write atomically; returns the file size in bytes."""
-    from ..files import atomic_path
+    from nanollama_base.files import atomic_path
 
     if layout == "ours":
         arrays = {META_KEY: np.array(json.dumps(_meta_of(g)))}

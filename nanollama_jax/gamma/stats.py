@@ -92,7 +92,7 @@ def plot_stats(s: dict, output, title: str = "gamma") -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..files import atomic_path
+    from nanollama_base.files import atomic_path
 
     has_ref = "cosine" in s["layers"][0]
     fig, axes = plt.subplots(1, 3 if has_ref else 2, figsize=(15 if has_ref else 10, 4))
