@@ -20,6 +20,7 @@ ids unchanged; the new embedding rows start at the mean of the others).
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 
 import jax
@@ -29,7 +30,7 @@ import optax
 
 from data.chat import add_chat_tokens, missing_chat_tokens
 from nanollama_base.cli import ArgumentParser, run_cli
-from nanollama_base.files import atomic_path, sha256_file
+from nanollama_base.files import atomic_dir, atomic_path, sha256_file
 
 from . import checkpoint, sharding
 from .loop import Schedule, log, train_loop
@@ -212,10 +213,12 @@ def merge_lora(setup, lora_run: checkpoint.Run, final_dir: Path, sections: dict)
     merged = jax.jit(merge)(state["base"], state["lora"])
     sections["sft"]["lora_step"] = lora_run.step
     if jax.process_index() == 0:
-        run = checkpoint.write_params_run(final_dir, setup.config, jax.device_get(merged), lora_run.tokenizer_path,
-                                          step=lora_run.step, **sections)
-        gamma = to_gamma(jax.device_get(state["lora"]), setup.config, run.info["tokenizer_sha256"])
-        save_gamma(gamma, final_dir / "adapter.npz")
+        shutil.rmtree(final_dir / "checkpoints", ignore_errors=True)  # an earlier merge: replaced, not mixed
+        with atomic_dir(final_dir) as tmp:
+            run = checkpoint.write_params_run(tmp, setup.config, jax.device_get(merged), lora_run.tokenizer_path,
+                                              step=lora_run.step, **sections)
+            gamma = to_gamma(jax.device_get(state["lora"]), setup.config, run.info["tokenizer_sha256"])
+            save_gamma(gamma, tmp / "adapter.npz")
         log(f"merged: {final_dir} (adapters as a gamma: {final_dir / 'adapter.npz'}); "
             f"chat with python -m nanollama_jax.chat --checkpoint {final_dir}")
 
