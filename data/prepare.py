@@ -33,7 +33,7 @@ from nanollama_base.shards import (DEFAULT_SHARD_SIZE, FORMAT_NAME, FORMAT_VERSI
                                    dtype_name, load_meta, sha256_bytes)
 
 from . import tokenizer as tok
-from .chat import add_chat_tokens, missing_chat_tokens
+from .chat import CHAT_TOKENS, add_chat_tokens, missing_chat_tokens
 from .encode import ShardWriter, document_chunks, encode_chunk, is_val_document, jax_running, ordered_map
 from .sources import PRESETS, BuiltinSource, HFSource, LocalSource, Mixture
 
@@ -310,7 +310,7 @@ def prepare(output, *, inputs=None, hf=None, preset=None, source=None, text_fiel
                "val_fraction": val_fraction, "shard_size": shard_size, "max_tokens": max_tokens,
                "force_dtype": None if force_dtype is None else dtype_name(np.dtype(force_dtype)),
                "tokenizer_options": tok.TOKENIZER_OPTIONS, "tokenizer_chars": tokenizer_chars,
-               "extra_meta": extra_meta}
+               "chat_tokens": CHAT_TOKENS, "extra_meta": extra_meta}
     fingerprint, described = _fingerprint(mix, options)
     _remove_stale_staging(output.parent, output.name)
     if not force and _is_current(output, fingerprint):
@@ -346,7 +346,8 @@ def ensure_builtin(vocab_size: int = BUILTIN_VOCAB_SIZE, *, home=None, workers: 
     mix = _source_from()
     options = {"vocab_size": vocab_size, "tokenizer_sha256": None, "val_fraction": BUILTIN_VAL_FRACTION,
                "shard_size": DEFAULT_SHARD_SIZE, "max_tokens": None, "force_dtype": None,
-               "tokenizer_options": tok.TOKENIZER_OPTIONS, "tokenizer_chars": tok.DEFAULT_TOKENIZER_CHARS}
+               "tokenizer_options": tok.TOKENIZER_OPTIONS, "tokenizer_chars": tok.DEFAULT_TOKENIZER_CHARS,
+               "chat_tokens": CHAT_TOKENS}
     fingerprint, described = _fingerprint(mix, options)
     if _is_current(final, fingerprint):
         return final
