@@ -35,7 +35,7 @@ stage() {  # stage NAME COMMAND...: run, log to $OUT/NAME.log, record the time
 }
 
 # 1. data: the built-in corpus (cached under ~/.cache/nanollama-jax) and the chat set
-stage prepare "$PY" -m data.prepare --quiet
+stage prepare "$PY" -c "from data.prepare import ensure_builtin; print(ensure_builtin())"
 stage chatset "$PY" -m data.chatset --output "$OUT/chats.jsonl" --limit "$CHATS"
 # 2. pretrain the tiny model, 3. teach it to answer
 stage pretrain "$PY" -m nanollama_jax.train --size tiny --steps "$STEPS" --model-tag base --runs-dir "$RUNS" \
