@@ -91,3 +91,29 @@ def test_gguf_keeps_the_chat_tokens_as_control(gguf, tok_file):
     assert int(eot.parts[eot.data[0]][0]) == tokens.index(END_OF_TURN)
     # llama.cpp does not make them from text either
     assert not set(llama_cpp_tokenize(gguf, ["<|eot_id|> hi"])[0]) & {tokens.index(t) for t in CHAT_TOKENS}
+
+
+def test_gguf_read_back_keeps_the_chat_tokens(gguf, tok_file):
+    from export.gguf_read import read_gguf
+
+    _, _, model = read_gguf(gguf)
+    sp = spm.SentencePieceProcessor(model_proto=model)
+    assert all(sp.is_control(sp.piece_to_id(t)) for t in CHAT_TOKENS)
+    assert render(sp, CONVERSATIONS[1], True) == render(spm.SentencePieceProcessor(model_file=str(tok_file)),
+                                                         CONVERSATIONS[1], True)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_hf_export_renders_the_same_ids_in_transformers(tok_file, tmp_path, fast):
+    from transformers import AutoTokenizer
+
+    from export.hf import save_hf
+
+    config = LlamaConfig(n_layer=1, n_embd=64, n_head=2, n_kv_head=2, vocab_size=VOCAB, sequence_len=128)
+    save_hf(jax.tree_util.tree_map(np.asarray, M.init_params(config, 0)), config, tmp_path / "hf", tok_file)
+    hf = AutoTokenizer.from_pretrained(tmp_path / "hf", use_fast=fast)
+    sp = spm.SentencePieceProcessor(model_file=str(tok_file))
+    for conv in CONVERSATIONS:
+        theirs = hf.apply_chat_template(conv, add_generation_prompt=True, tokenize=True)
+        theirs = theirs["input_ids"] if not isinstance(theirs, list) else theirs
+        assert list(theirs) == render(sp, conv, True)[0]
