@@ -16,17 +16,18 @@ STEPS=${STEPS:-200}            # pretraining steps (4,096 tokens each)
 SFT_STEPS=${SFT_STEPS:-250}    # SFT steps (8 rows of 128 tokens each)
 CHATS=${CHATS:-3000}           # conversations from the built-in chat set
 QUESTION=${QUESTION:-'What does `json.dumps` do?'}
-RUNS="$OUT/runs"
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+RUNS="$OUT/runs"
 command -v go >/dev/null || { echo "speedrun: Go is missing; run bash scripts/setup.sh test" >&2; exit 1; }
 
 declare -a STAGES
 start_all=$(date +%s)
-stage() {  # stage NAME COMMAND...: run, log to $OUT/NAME.log, record the time
+stage() {  # stage NAME COMMAND...: run (stdout to $OUT/NAME.out, stderr to $OUT/NAME.log), record the time
   local name=$1; shift
   local t0=$(date +%s)
   echo "== $name: $*" >&2
-  if ! "$@" >"$OUT/$name.log" 2>&1; then
+  if ! "$@" >"$OUT/$name.out" 2>"$OUT/$name.log"; then
     tail -20 "$OUT/$name.log" >&2
     echo "speedrun: stage $name failed (log: $OUT/$name.log)" >&2
     exit 1
@@ -50,7 +51,7 @@ stage eval-chat "$PY" -m nanollama_jax.eval --checkpoint "$RUNS/chat" --bpb-text
   --output "$OUT/eval-chat.json" --quiet
 # 5. GGUF (with tokenizer.chat_template) and the Go engine
 stage gguf "$PY" -m export.gguf --checkpoint "$RUNS/chat" --output "$OUT/chat-f16.gguf" --dtype f16
-stage go-build bash -c "cd go && go build -o '$PWD/$OUT/nanollama' ."
+stage go-build bash -c "cd go && go build -o '$OUT/nanollama' ."
 # The prompt in the chat format (data/chat.py: the ids llama.cpp's own template gives); Go stops at <|eot_id|>.
 "$PY" - "$RUNS/chat/tokenizer.model" "$QUESTION" "$OUT/prompt.npy" <<'EOF'
 import sys
@@ -77,8 +78,8 @@ def last(rows, key):
 def bpb(path):
     return json.load(open(path))["bpb"]["bpb"]
 base, chat = metrics("base"), metrics("chat")
-go_answer = open(f"{out}/go-chat.log").read().strip()
-py_answer = open(f"{out}/py-chat.log").read().strip()
+go_answer = open(f"{out}/go-chat.out").read().strip()
+py_answer = open(f"{out}/py-chat.out").read().strip()
 print("\n================ nanollama-jax speedrun report card ================")
 print(f"pretrain   final loss {last(base, 'loss'):.3f}, validation {last(base, 'val_loss'):.3f} "
       f"({last(base, 'val_bpb'):.3f} bits/byte)")
