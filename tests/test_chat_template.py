@@ -117,3 +117,26 @@ def test_hf_export_renders_the_same_ids_in_transformers(tok_file, tmp_path, fast
         theirs = hf.apply_chat_template(conv, add_generation_prompt=True, tokenize=True)
         theirs = theirs["input_ids"] if not isinstance(theirs, list) else theirs
         assert list(theirs) == render(sp, conv, True)[0]
+
+
+def test_prepare_with_an_old_tokenizer_appends_the_chat_tokens(tok_file, tmp_path):
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    from data.prepare import prepare
+    from nanollama_base.shards import load_meta
+
+    proto = pb.ModelProto()
+    proto.ParseFromString(tok_file.read_bytes())
+    del proto.pieces[-3:]
+    (tmp_path / "old.model").write_bytes(proto.SerializeToString())
+    text = "\n".join(itertools.islice(builtin.documents(), 5))
+    (tmp_path / "in.txt").write_text(text)
+    lines = []
+    prepare(tmp_path / "out", inputs=[tmp_path / "in.txt"], tokenizer_file=tmp_path / "old.model", val_fraction=0,
+            progress=False, log=lines.append)
+    assert any("added the chat tokens" in x for x in lines), lines
+    meta = load_meta(tmp_path / "out")
+    assert meta["vocab_size"] == VOCAB
+    old = spm.SentencePieceProcessor(model_file=str(tmp_path / "old.model"))
+    new = spm.SentencePieceProcessor(model_file=str(tmp_path / "out" / "tokenizer.model"))
+    assert new.encode(text) == old.encode(text) and new.piece_to_id(END_OF_TURN) == VOCAB - 1
