@@ -120,35 +120,35 @@ def llama_cpp_tokenize(model, texts, *, timeout: float = 120) -> list[list[int]]
     return _llama_cpp({"op": "tokenize", "texts": list(texts)}, model, timeout)
 
 
-def llama_cpp_chat_ids(model, conversations, *, add_generation_prompt: bool, timeout: float = 120) -> dict:
-    """For each conversation, llama.cpp's token ids of it formatted two ways with the GGUF's own
-    tokenizer.chat_template: {"builtin": llama_chat_apply_template (llama.cpp's C++ formatter),
-    "jinja": llama-cpp-python's Jinja2ChatFormatter (the chat-completions handler)}, plus "template"."""
-    return _llama_cpp({"op": "chat", "conversations": conversations, "add_generation_prompt": add_generation_prompt},
-                      model, timeout)
+def llama_cpp_chat_ids(model, conversations, *, timeout: float = 120) -> list[dict]:
+    """For each conversation ({"messages": [...], "add_generation_prompt": bool}), llama.cpp's own chat
+    formatting of it as token ids, two ways: "builtin" (llama_chat_apply_template with the GGUF's template,
+    then tokenised with BOS and special tokens parsed, as llama.cpp's tools do) and "jinja" (llama-cpp-python's
+    Jinja2ChatFormatter running the template text, tokenised as its chat handler does)."""
+    return _llama_cpp({"op": "chat", "conversations": list(conversations)}, model, timeout)
 
 
-def _chat_ids(llm, req) -> dict:
+def _chat_ids(llm, conv) -> dict:
     import ctypes
 
     import llama_cpp
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-    template = llm.metadata["tokenizer.chat_template"]
-    bos, eos = (llm.detokenize([i], special=True).decode() for i in (llm.token_bos(), llm.token_eos()))
-    jinja = Jinja2ChatFormatter(template, eos_token=eos, bos_token=bos, add_generation_prompt=req["add_generation_prompt"])
-    out = {"template": template, "builtin": [], "jinja": []}
-    for conv in req["conversations"]:
-        keep = [(m["role"].encode(), m["content"].encode()) for m in conv]
-        msgs = (llama_cpp.llama_chat_message * len(conv))(*(llama_cpp.llama_chat_message(r, c) for r, c in keep))
-        buf = ctypes.create_string_buffer(1 << 16)
-        n = llama_cpp.llama_chat_apply_template(template.encode(), msgs, len(conv), req["add_generation_prompt"],
-                                                buf, len(buf))
-        assert 0 < n < len(buf), n
-        out["builtin"].append(llm.tokenize(buf.raw[:n], add_bos=True, special=True))
-        res = jinja(messages=conv)
-        out["jinja"].append(llm.tokenize(res.prompt.encode(), add_bos=not res.added_special, special=True))
-    return out
+    msgs, gen = conv["messages"], conv["add_generation_prompt"]
+    arr = (llama_cpp.llama_chat_message * len(msgs))()
+    keep = []  # the encoded strings must outlive the call
+    for i, m in enumerate(msgs):
+        keep += [m["role"].encode(), m["content"].encode()]
+        arr[i].role, arr[i].content = keep[-2], keep[-1]
+    tmpl = llama_cpp.llama_model_chat_template(llm._model.model, None)
+    buf = ctypes.create_string_buffer(1 << 16)
+    n = llama_cpp.llama_chat_apply_template(tmpl, arr, len(msgs), gen, buf, len(buf))
+    assert 0 < n < len(buf), f"llama_chat_apply_template returned {n}"
+    builtin = llm.tokenize(buf.raw[:n], add_bos=True, special=True)
+    fmt = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], eos_token="</s>", bos_token="<s>",
+                              add_generation_prompt=gen)
+    jinja = llm.tokenize(fmt(messages=msgs).prompt.encode(), add_bos=False, special=True)
+    return {"builtin": builtin, "jinja": jinja, "text": buf.raw[:n].decode()}
 
 
 def _child(request_path: str) -> None:
@@ -156,12 +156,11 @@ def _child(request_path: str) -> None:
 
     req = json.loads(Path(request_path).read_text())
     out = Path(req["out"])
-    if req["op"] == "chat":
+    if req["op"] in ("tokenize", "chat"):
         llm = llama_cpp.Llama(model_path=req["model"], vocab_only=True, verbose=False)
-        out.write_text(json.dumps(_chat_ids(llm, req)))
-        return
-    if req["op"] == "tokenize":
-        llm = llama_cpp.Llama(model_path=req["model"], vocab_only=True, verbose=False)
+        if req["op"] == "chat":
+            out.write_text(json.dumps([_chat_ids(llm, c) for c in req["conversations"]]))
+            return
         out.write_text(json.dumps([llm.tokenize(t.encode(), add_bos=True, special=False) for t in req["texts"]]))
         return
     kv = {"f32": llama_cpp.GGML_TYPE_F32, "f16": llama_cpp.GGML_TYPE_F16}[req.get("kv", "f16")]

@@ -70,12 +70,15 @@ def test_an_old_tokenizer_is_extended_without_changing_ordinary_ids(tok_file):
 
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 def test_renderer_equals_llama_cpp_formatting(tok_file, gguf, add_generation_prompt):
+    from gguf import GGUFReader
+
+    assert GGUFReader(gguf).fields["tokenizer.chat_template"].contents() == CHAT_TEMPLATE
     sp = spm.SentencePieceProcessor(model_file=str(tok_file))
     ours = [render(sp, c, add_generation_prompt)[0] for c in CONVERSATIONS]
-    theirs = llama_cpp_chat_ids(gguf, CONVERSATIONS, add_generation_prompt=add_generation_prompt)
-    assert theirs["template"] == CHAT_TEMPLATE
-    assert theirs["builtin"] == ours
-    assert theirs["jinja"] == ours
+    theirs = llama_cpp_chat_ids(gguf, [{"messages": c, "add_generation_prompt": add_generation_prompt}
+                                       for c in CONVERSATIONS])
+    assert [t["builtin"] for t in theirs] == ours
+    assert [t["jinja"] for t in theirs] == ours
 
 
 
