@@ -33,6 +33,7 @@ from nanollama_base.shards import (DEFAULT_SHARD_SIZE, FORMAT_NAME, FORMAT_VERSI
                                    dtype_name, load_meta, sha256_bytes)
 
 from . import tokenizer as tok
+from .chat import CHAT_TOKENS, add_chat_tokens, missing_chat_tokens
 from .encode import ShardWriter, document_chunks, encode_chunk, is_val_document, jax_running, ordered_map
 from .sources import PRESETS, BuiltinSource, HFSource, LocalSource, Mixture
 
@@ -102,6 +103,12 @@ def _build(staging: pathlib.Path, mix: Mixture, *, vocab_size, tokenizer_file, v
             raise DataError(f"{tokenizer_file}: not a SentencePiece model") from None
         trained = False
         log(f"Using tokenizer {tokenizer_file} ({sp.get_piece_size():,} pieces)")
+        missing = missing_chat_tokens(model)
+        if missing:  # appended: ordinary ids (so a model trained on the old tokenizer) are unchanged
+            model = add_chat_tokens(model)
+            sp = tok.load(model)
+            log(f"  added the chat tokens {', '.join(missing)} as ids {sp.get_piece_size() - len(missing)}"
+                f"-{sp.get_piece_size() - 1}")
         if vocab_size and vocab_size != sp.get_piece_size() and vocab_size != tok.DEFAULT_VOCAB_SIZE:
             log(f"  (--vocab-size {vocab_size} ignored: the tokenizer decides the vocabulary)")
     else:
@@ -303,7 +310,7 @@ def prepare(output, *, inputs=None, hf=None, preset=None, source=None, text_fiel
                "val_fraction": val_fraction, "shard_size": shard_size, "max_tokens": max_tokens,
                "force_dtype": None if force_dtype is None else dtype_name(np.dtype(force_dtype)),
                "tokenizer_options": tok.TOKENIZER_OPTIONS, "tokenizer_chars": tokenizer_chars,
-               "extra_meta": extra_meta}
+               "chat_tokens": CHAT_TOKENS, "extra_meta": extra_meta}
     fingerprint, described = _fingerprint(mix, options)
     _remove_stale_staging(output.parent, output.name)
     if not force and _is_current(output, fingerprint):
@@ -339,7 +346,8 @@ def ensure_builtin(vocab_size: int = BUILTIN_VOCAB_SIZE, *, home=None, workers: 
     mix = _source_from()
     options = {"vocab_size": vocab_size, "tokenizer_sha256": None, "val_fraction": BUILTIN_VAL_FRACTION,
                "shard_size": DEFAULT_SHARD_SIZE, "max_tokens": None, "force_dtype": None,
-               "tokenizer_options": tok.TOKENIZER_OPTIONS, "tokenizer_chars": tok.DEFAULT_TOKENIZER_CHARS}
+               "tokenizer_options": tok.TOKENIZER_OPTIONS, "tokenizer_chars": tok.DEFAULT_TOKENIZER_CHARS,
+               "chat_tokens": CHAT_TOKENS}
     fingerprint, described = _fingerprint(mix, options)
     if _is_current(final, fingerprint):
         return final

@@ -1,6 +1,7 @@
 """SentencePiece BPE training with the settings llama.cpp can reproduce.
 
-ids: unk 0, ``<s>`` (BOS) 1, ``</s>`` (EOS) 2, no pad; bytes are ids 3-258 (byte_fallback);
+ids: unk 0, ``<s>`` (BOS) 1, ``</s>`` (EOS) 2, no pad; bytes are ids 3-258 (byte_fallback); the
+last three pieces are the chat tokens of ``data/chat.py`` (CONTROL pieces: never produced from text);
 digits split; identity normalisation with extra whitespace kept, so decoding gives back the
 exact text (the one exception: a literal U+2581 "▁" in the input decodes as a space,
 because SentencePiece uses that character for spaces).
@@ -12,6 +13,8 @@ import io
 from typing import Iterable, Iterator
 
 from nanollama_base.shards import DataError
+
+from .chat import CHAT_TOKENS, add_chat_tokens
 
 DEFAULT_VOCAB_SIZE = 32000
 
@@ -52,7 +55,8 @@ def _lines(documents: Iterable[str], max_chars: int) -> Iterator[str]:
 
 def train(documents: Iterable[str], vocab_size: int, *, threads: int = 1,
           max_chars: int = DEFAULT_TOKENIZER_CHARS, log=None) -> bytes:
-    """Train a BPE model on the documents' lines; returns the serialized model."""
+    """Train a BPE model on the documents' lines; returns the serialized model, ``vocab_size`` pieces
+    of which the last three are the chat tokens (appended, so byte and ordinary ids stay put)."""
     import sentencepiece as spm
 
     spm.set_random_generator_seed(TRAIN_SEED)
@@ -66,7 +70,7 @@ def train(documents: Iterable[str], vocab_size: int, *, threads: int = 1,
     out = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(lines), model_writer=out, vocab_size=vocab_size,
+            sentence_iterator=iter(lines), model_writer=out, vocab_size=vocab_size - len(CHAT_TOKENS),
             num_threads=max(1, threads), minloglevel=2,
             input_sentence_size=MAX_TRAINING_LINES, shuffle_input_sentence=True,
             **TOKENIZER_OPTIONS)
@@ -77,13 +81,15 @@ def train(documents: Iterable[str], vocab_size: int, *, threads: int = 1,
         small = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", msg)
         if small:
             raise DataError(f"tokenizer: --vocab-size {vocab_size} is too small for this text's characters "
-                            f"plus the 259 special and byte pieces; use at least {small.group(2)}") from None
+                            f"plus the 262 special, chat and byte pieces; use at least "
+                            f"{int(small.group(2)) + len(CHAT_TOKENS)}") from None
         high = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", msg)
         if high:
             raise DataError(f"tokenizer: corpus too small for --vocab-size {vocab_size}; "
-                            f"use at most {high.group(2)} or add text") from None
+                            f"use at most "
+                            f"{int(high.group(2)) + len(CHAT_TOKENS)} or add text") from None
         raise DataError(f"tokenizer: SentencePiece training failed ({msg})") from None
-    return _normalise(out.getvalue())
+    return add_chat_tokens(_normalise(out.getvalue()))
 
 
 def _normalise(model: bytes) -> bytes:

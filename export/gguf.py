@@ -17,7 +17,8 @@ Written through gguf-py (llama.cpp's own writer and quantisers), `llama` archite
 * the SentencePiece tokenizer embedded (`tokenizer.ggml.model = "llama"`: tokens, scores, token
   types, bos/eos/unk/pad ids, add_bos_token=True, add_eos_token=False, add_space_prefix as the
   model says), plus the original `tokenizer.model` bytes (base64, key `nanollama.tokenizer.model`)
-  so `export.gguf_read` restores it bit for bit.
+  so `export.gguf_read` restores it bit for bit. A tokenizer with the chat tokens (data/chat.py,
+  CONTROL type) also gets `tokenizer.chat_template` (the Llama 3 Jinja) and `tokenizer.ggml.eot_token_id`;
 
 Vocabulary: our embedding and output head have `padded_vocab` rows (a multiple of 64), but the
 model masks every row past `vocab_size` (logit -1e9), so those rows are not tokens. The export
@@ -40,6 +41,7 @@ from typing import Iterator
 
 import numpy as np
 
+from data.chat import CHAT_TEMPLATE, CHAT_TOKENS, END_OF_TURN
 from nanollama_base.files import atomic_path
 from nanollama_jax.config import LlamaConfig
 from nanollama_jax.model import Params
@@ -302,6 +304,9 @@ def _write_metadata(w, config: LlamaConfig, vocab: Vocab, name: str, dtype: str,
     w.add_add_eos_token(False)
     w.add_add_space_prefix(vocab.add_space_prefix)
     w.add_remove_extra_whitespaces(vocab.remove_extra_whitespaces)
+    if all(t in vocab.tokens for t in CHAT_TOKENS):  # a tokenizer from before the chat tokens has no template
+        w.add_chat_template(CHAT_TEMPLATE)
+        w.add_eot_token_id(vocab.tokens.index(END_OF_TURN))
     if embed_tokenizer:
         w.add_string(TOKENIZER_KEY, base64.b64encode(vocab.model_bytes).decode("ascii"))
     w.add_string(CONFIG_KEY, json.dumps(config.to_dict(), sort_keys=True))

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data.chat import CHAT_TEMPLATE, CHAT_TOKENS
 from nanollama_base.files import atomic_dir
 from nanollama_jax.config import LlamaConfig
 from nanollama_jax.model import Params
@@ -113,7 +114,10 @@ def _special_pieces(tokenizer) -> dict:
 
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
     ids = {"bos_token": sp.bos_id(), "eos_token": sp.eos_id(), "unk_token": sp.unk_id(), "pad_token": sp.pad_id()}
-    return {k: sp.id_to_piece(i) for k, i in ids.items() if i >= 0}
+    out = {k: sp.id_to_piece(i) for k, i in ids.items() if i >= 0}
+    if all(sp.piece_to_id(t) != sp.unk_id() for t in CHAT_TOKENS):  # special, so transformers never splits them
+        out.update(additional_special_tokens=list(CHAT_TOKENS), chat_template=CHAT_TEMPLATE)
+    return out
 
 
 def config_from_hf(cfg: dict, source: str) -> LlamaConfig:

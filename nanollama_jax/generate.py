@@ -54,9 +54,10 @@ def jitted_forward(config: LlamaConfig):
 
 def generate(params: Params, config: LlamaConfig, prompt: list[int], max_new_tokens: int, *,
              temperature: float = 0.8, top_k: int = 50, top_p: float = 0.9, seed: int = 0,
-             stop_id: int | None = None, on_token=None) -> list[int]:
-    """Continue `prompt` (ids, BOS included) by up to `max_new_tokens`; stops at `stop_id`.
-    `on_token(id)` is called as each token is produced (streaming)."""
+             stop_id: int | tuple[int, ...] | None = None, on_token=None) -> list[int]:
+    """Continue `prompt` (ids, BOS included) by up to `max_new_tokens`; stops at `stop_id` (one id or
+    several, e.g. end of turn and EOS). `on_token(id)` is called as each token is produced (streaming)."""
+    stops = set() if stop_id is None else {stop_id} if isinstance(stop_id, int) else set(stop_id)
     if not prompt:
         raise ValueError("the prompt is empty; it needs at least the BOS token")
     limit = config.sequence_len
@@ -71,7 +72,7 @@ def generate(params: Params, config: LlamaConfig, prompt: list[int], max_new_tok
     pos = len(prompt)
     for i in range(max_new_tokens):
         token = int(sample_token(logits[:, -1], jax.random.fold_in(key, i), temperature, top_k, top_p)[0])
-        if token == stop_id:
+        if token in stops:
             break
         out.append(token)
         if on_token:

@@ -84,6 +84,12 @@ CASES = [
     ("export.lora", ["{t}/missing.npz", "--base", "{t}/not.gguf", "-o", "{t}/a.gguf"], FAILURE, "{t}/missing.npz",
      "no such gamma file"),
     ("export.lora", ["{t}/missing.npz"], USAGE, None, "--base"),
+    ("nanollama_jax.sft", ["--base", "{t}/norun", "--data", "{t}/c.jsonl", "--model-tag", "x", "--runs-dir", "{t}"],
+     FAILURE, "{t}/norun", "no such run"),
+    ("nanollama_jax.sft", ["--base", "{t}/b", "--data", "{t}/c.jsonl", "--model-tag", "x", "--merge"], USAGE, None,
+     "--lora"),
+    ("nanollama_jax.chat", ["--checkpoint", "{t}/norun"], FAILURE, "{t}/norun", "no such run"),
+    ("data.chatset", ["--output", "{t}/c.jsonl", "--limit", "0"], USAGE, None, "--limit"),
 ]
 
 

@@ -145,7 +145,11 @@ def test_gguf_metadata_and_tensors(f32_gguf, config, sp):
     tokens = val("tokenizer.ggml.tokens")
     assert tokens == [sp.id_to_piece(i) for i in range(VOCAB)]  # exactly the SentencePiece vocab
     types = val("tokenizer.ggml.token_type")
-    assert types[0] == 2 and types[1] == 3 and types[2] == 3 and types[3:259] == [6] * 256 and set(types[259:]) == {1}
+    assert types[0] == 2 and types[1] == 3 and types[2] == 3 and types[3:259] == [6] * 256
+    assert set(types[259:-3]) == {1} and types[-3:] == [3, 3, 3]  # the chat tokens (data/chat.py): CONTROL
+    assert tokens[-3:] == ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    assert val("tokenizer.ggml.eot_token_id") == VOCAB - 1
+    assert "<|start_header_id|>" in val("tokenizer.chat_template")
     assert val("tokenizer.ggml.scores")[300] == pytest.approx(sp.get_score(300))
     assert (val("tokenizer.ggml.bos_token_id"), val("tokenizer.ggml.eos_token_id"),
             val("tokenizer.ggml.unknown_token_id")) == (1, 2, 0)

@@ -13,7 +13,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 COMMANDS = {"nanollama-prepare", "nanollama-prepare-personality", "nanollama-train", "nanollama-generate",
             "nanollama-plot", "nanollama-gamma", "nanollama-export-gguf", "nanollama-read-gguf", "nanollama-export-hf",
-            "nanollama-export-pt", "nanollama-export-lora"}
+            "nanollama-export-pt", "nanollama-export-lora", "nanollama-sft", "nanollama-chat", "nanollama-chatset"}
 
 
 @pytest.fixture(scope="module")

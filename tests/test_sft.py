@@ -1,0 +1,173 @@
+"""Issue 15: SFT (full and LoRA), the chat CLI, SFT from an imported run, personality by SFT.
+
+A tiny randomly initialised base is fine-tuned on a chat set made here ("Say WORD." → "Answer: WORD.");
+the acceptance: after SFT a held-out question is answered in the trained format (greedy, through
+the chat CLI), while the base does not. LoRA: the adapter GGUF applied by llama.cpp to the base GGUF
+gives the merged model's logits.
+"""
+import itertools
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import sentencepiece as spm
+
+from data import builtin, tokenizer
+from data.chat import END_OF_TURN, render
+from nanollama_jax import checkpoint
+from nanollama_jax import model as M
+from nanollama_jax.config import LlamaConfig
+from nanollama_jax.sft import masked_cross_entropy
+from native import llama_cpp_logits
+
+VOCAB = 448
+WORDS = ("apple river stone cloud green table light music paper sugar glass horse train water bread chair dream "
+         "earth flame grape house juice knife lemon money night ocean piano queen radio").split()
+HELD_OUT = "Say zebra."
+
+
+def cli(module, *args, stdin=None):
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
+                          input=stdin, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    """A tokenizer, a random tiny base run and a chat set."""
+    root = tmp_path_factory.mktemp("sft")
+    docs = list(itertools.islice(builtin.documents(), 60))
+    (root / "tokenizer.model").write_bytes(tokenizer.train(docs, VOCAB))
+    config = LlamaConfig(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, head_dim=16, vocab_size=VOCAB,
+                         sequence_len=96, multiple_of=64)
+    checkpoint.write_params_run(root / "runs" / "base", config, jax.tree_util.tree_map(np.asarray, M.init_params(config, 0)),
+                                root / "tokenizer.model")
+    with open(root / "chats.jsonl", "w") as f:
+        for w in WORDS:
+            f.write(json.dumps({"user": f"Say {w}.", "assistant": f"Answer: {w}."}) + "\n")
+    return root
+
+
+def sft(root, tag, *extra):
+    r = cli("nanollama_jax.sft", "--base", root / "runs" / "base", "--data", root / "chats.jsonl", "--model-tag", tag,
+            "--runs-dir", root / "runs", "--batch-size", 4, *extra)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return root / "runs" / tag
+
+
+def greedy_answer(run, question):
+    r = cli("nanollama_jax.chat", "--checkpoint", run, "--temperature", 0, "--max-tokens", 16, stdin=question + "\n")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
+def test_only_assistant_tokens_are_trained(root):
+    sp = spm.SentencePieceProcessor(model_file=str(root / "tokenizer.model"))
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say apple."},
+            {"role": "assistant", "content": "Answer: apple."}, {"role": "user", "content": "Say river."},
+            {"role": "assistant", "content": "Answer: river."}]
+    ids, train = render(sp, conv)
+    trained = [i for i, t in zip(ids, train) if t]
+    assert trained.count(sp.piece_to_id(END_OF_TURN)) == 2
+    assert sp.decode(trained).split() == ["Answer:", "apple.", "Answer:", "river."]
+    # the gradient of the SFT loss reaches the logits of assistant targets only
+    run, params = checkpoint.load_params(root / "runs" / "base")
+    tokens = np.asarray([ids])
+    logits = M.forward(params, tokens[:, :-1], run.config)
+    grad = np.asarray(jax.grad(masked_cross_entropy)(logits, tokens[:, 1:], np.asarray([train])[:, 1:]))
+    per_position = np.abs(grad[0]).sum(-1)
+    target_trained = np.asarray(train[1:])
+    assert np.all(per_position[~target_trained] == 0)
+    assert np.all(per_position[target_trained] > 1e-6)
+
+
+def test_full_sft_answers_a_held_out_question_in_the_trained_format(root):
+    run = sft(root, "full", "--steps", 60)
+    before = greedy_answer(root / "runs" / "base", HELD_OUT)
+    after = greedy_answer(run, HELD_OUT)
+    assert after.startswith("Answer: ") and after.rstrip("\n").endswith("."), after  # and it ended its turn
+    assert not before.startswith("Answer:"), before
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    val = [m["val_loss"] for m in metrics if "val_loss" in m]
+    assert len(val) >= 2 and min(val) < 0.6 * val[0]  # held-out conversations are validated
+
+
+def test_lora_resumes_merges_and_exports_a_llama_cpp_adapter(root, tmp_path):
+    from export.gguf import write_gguf
+    from export.lora import write_lora
+    from nanollama_jax.gamma import load_gamma
+    from nanollama_jax.generate import prompt_logits
+
+    sft(root, "lora", "--steps", 16, "--lora", 4, "--lr-scale", 5, "--stop-after", 7)
+    assert not (root / "runs" / "lora").exists()  # not merged before the end
+    whole = sft(root, "lora", "--steps", 16, "--lora", 4, "--lr-scale", 5, "--resume")
+    steps = [json.loads(x)["step"] for x in (root / "runs" / "lora-lora" / "metrics.jsonl").read_text().splitlines()
+             if "loss" in x and "val_loss" not in x]
+    assert steps == list(range(1, 17))  # resumed at 7, not restarted
+    a = load_gamma(whole / "adapter.npz")
+    assert a.rank == 4 and len(a.tensors) == 2 * 7
+
+    base_run, base = checkpoint.load_params(root / "runs" / "base")
+    merged_run, merged = checkpoint.load_params(whole)
+    write_gguf(base, base_run.config, base_run.tokenizer_path, tmp_path / "base.gguf", progress=False)
+    write_lora(a, tmp_path / "base.gguf", tmp_path / "adapter.gguf")
+    sp = spm.SentencePieceProcessor(model_file=str(whole / "tokenizer.model"))
+    ids = render(sp, [{"role": "user", "content": "Say apple."}], add_generation_prompt=True)[0]
+    ours = prompt_logits(merged, merged_run.config, np.asarray(ids))
+    theirs = llama_cpp_logits(tmp_path / "base.gguf", ids, kv="f32", n_ctx=96, lora=tmp_path / "adapter.gguf")
+    change = np.abs(ours - prompt_logits(base, base_run.config, np.asarray(ids))).max()
+    err = np.abs(ours - theirs).max()
+    assert err <= 1e-3 and err < 0.01 * change, (err, change)
+
+
+def test_personality_by_sft_is_a_gamma(root, tmp_path):
+    run = root / "runs" / "full"
+    if not run.exists():
+        run = sft(root, "full", "--steps", 60)
+    r = cli("nanollama_jax.gamma", "extract", "--personality", run, "--base", root / "runs" / "base",
+            "-o", tmp_path / "g.npz")
+    assert r.returncode == 0, r.stderr
+    r = cli("nanollama_jax.gamma", "inject", "--base", root / "runs" / "base", "--gamma", tmp_path / "g.npz",
+            "-o", tmp_path / "injected")
+    assert r.returncode == 0, r.stderr
+    _, sft_params = checkpoint.load_params(run)
+    _, injected = checkpoint.load_params(tmp_path / "injected")
+    for x, y in zip(jax.tree_util.tree_leaves(sft_params), jax.tree_util.tree_leaves(injected)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
+    assert greedy_answer(tmp_path / "injected", HELD_OUT).startswith("Answer: ")
+
+
+def test_sft_from_an_hf_import_whose_tokenizer_lacks_the_chat_tokens(root, tmp_path):
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    from export.hf import save_hf
+
+    proto = pb.ModelProto()
+    proto.ParseFromString((root / "tokenizer.model").read_bytes())
+    del proto.pieces[-3:]
+    (tmp_path / "old.model").write_bytes(proto.SerializeToString())
+    config = LlamaConfig(n_layer=1, n_embd=64, n_head=4, n_kv_head=2, head_dim=16, vocab_size=VOCAB - 3,
+                         sequence_len=96, multiple_of=64)
+    save_hf(jax.tree_util.tree_map(np.asarray, M.init_params(config, 1)), config, tmp_path / "hf", tmp_path / "old.model")
+    r = cli("export.hf", "--from-hf", tmp_path / "hf", "--output", tmp_path / "runs" / "imported")
+    assert r.returncode == 0, r.stderr
+    r = cli("nanollama_jax.sft", "--base", tmp_path / "runs" / "imported", "--data", root / "chats.jsonl",
+            "--model-tag", "chat", "--runs-dir", tmp_path / "runs", "--steps", 3, "--batch-size", 2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "appended 3 chat token(s)" in r.stderr
+    old = spm.SentencePieceProcessor(model_file=str(tmp_path / "old.model"))
+    new = spm.SentencePieceProcessor(model_file=str(tmp_path / "runs" / "chat" / "tokenizer.model"))
+    text = "Say apple. def f(x): return 42"
+    assert new.encode(text) == old.encode(text) and new.get_piece_size() == VOCAB
+    assert checkpoint.open_run(tmp_path / "runs" / "chat").config.vocab_size == VOCAB
+
+
+def test_bad_chat_file_is_one_line(root, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"user": "hi", "assistant": "ho"}\n{"messages": [{"role": "robot", "content": "x"}]}\n')
+    r = cli("nanollama_jax.sft", "--base", root / "runs" / "base", "--data", bad, "--model-tag", "x",
+            "--runs-dir", tmp_path)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert f"{bad}: line 2: message 0 needs a role" in r.stderr
