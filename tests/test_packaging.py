@@ -32,7 +32,7 @@ def wheel(tmp_path_factory):
 
 def test_wheel_installs_only_the_pipeline_packages(wheel):
     top = {name.split("/")[0] for name in wheel.namelist() if not name.split("/")[0].endswith(".dist-info")}
-    assert top == {"nanollama_jax", "data", "export", "configs"}, top
+    assert top == {"nanollama_base", "nanollama_jax", "data", "export", "configs"}, top
     assert "configs/nano.json" in wheel.namelist() and "nanollama_jax/gamma/__main__.py" in wheel.namelist()
 
 
