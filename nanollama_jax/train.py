@@ -19,7 +19,7 @@ import jax
 
 from nanollama_base.cli import ArgumentParser, run_cli
 
-from . import checkpoint, sharding
+from . import checkpoint, sharding, xla_flags
 from .config import REMAT_POLICIES, load_size, size_names
 from .loop import Schedule, log, train_loop
 from .training_setup import TrainingSetup
@@ -80,6 +80,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--save-every", type=positive_int, help="checkpoint every N steps (default: 10 times per run)")
     p.add_argument("--keep", type=positive_int, default=3, help="checkpoints to keep")
     p.add_argument("--log-every", type=positive_int, default=10, help="a log line every N steps (default 10)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="bit-exact reruns on GPU (XLA's deterministic kernels, a few %% slower): a killed and resumed "
+                        "run equals a straight one; CPU is always deterministic")
     p.add_argument("--dry-run", action="store_true", help="print the plan and compile the step; train nothing")
     p.add_argument("--no-compile", action="store_true", help="with --dry-run: skip compiling")
     p.add_argument("--coordinator", help="multi-host: coordinator address host:port (or JAX_COORDINATOR_ADDRESS)")
@@ -95,8 +98,10 @@ def main(argv=None):
 
 
 def train(args) -> None:
-    # 1. processes, model and mesh
-    init_distributed(args)
+    # 1. the XLA runtime (before the backend starts), processes, model and mesh
+    runtime = xla_flags.set_up_runtime(deterministic=args.deterministic)
+    init_distributed(args)  # before anything asks jax for devices (log does)
+    log(runtime)
     config, recipe = load_size(args.size)
     init_run = checkpoint.open_run(args.init_from) if args.init_from else None
     if init_run:  # continued training: the model is the one in that run, whatever its origin
