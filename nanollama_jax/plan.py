@@ -61,6 +61,33 @@ class Plan:
         ])
 
 
+# What a resumed run must keep, because it changes what the run computes: the optimizer and its
+# schedule, the data order. The rest may change on resume: remat, the mesh, and the micro-batch so
+# long as the global batch stays (accumulation makes up the difference). The model config (dtype
+# included) and the data's identity are checked apart (checkpoint.resume_step).
+RUN_DEFINING = {
+    "optimizer": "optimizer (--optimizer)",
+    "steps": "schedule length (--steps)",
+    "warmup": "warmup steps",
+    "lr_scale": "learning-rate scale (--lr-scale)",
+    "weight_decay": "weight decay (the recipe's weight_decay)",
+    "seed": "data order and init (--seed)",
+    "seq_len": "sequence length (--seq-len)",
+    "tokens_per_step": "tokens per step (--tokens-per-step)",
+}
+
+
+def resume_changes(saved: dict, plan: Plan) -> list[str]:
+    """What `plan` changes of a run whose config.json "train" section is `saved`, one phrase per
+    setting (empty: the run may resume with this plan)."""
+    if {"batch_size", "data_parallel", "accum", "seq_len"} <= saved.keys():
+        rows = saved["batch_size"] * saved["data_parallel"] * saved["accum"]
+        saved = {**saved, "tokens_per_step": rows * saved["seq_len"]}
+    now = {**plan.settings(), "tokens_per_step": plan.tokens_per_step}
+    return [f"{what} {saved[key]} → {now[key]}" for key, what in RUN_DEFINING.items()
+            if key in saved and saved[key] != now[key]]
+
+
 def default_dtype() -> str:
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 

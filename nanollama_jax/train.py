@@ -22,6 +22,7 @@ from nanollama_base.cli import ArgumentParser, run_cli
 from . import checkpoint, sharding, xla_flags
 from .config import REMAT_POLICIES, load_size, size_names
 from .loop import Schedule, log, train_loop
+from .plan import resume_changes
 from .training_setup import TrainingSetup
 
 
@@ -147,6 +148,11 @@ def train(args) -> None:
     sections = {"train": plan.settings(),
                 "data": {"dir": str(Path(data_dir).resolve()), "fingerprint": batches.fingerprint,
                          "personality_dir": args.personality_dir}}
+    if args.resume and checkpoint.saved_steps(run_dir):
+        changes = resume_changes(checkpoint.open_run(run_dir).info.get("train", {}), plan)
+        if changes:
+            raise ValueError(f"{run_dir}: cannot resume, this would change the run: {'; '.join(changes)} "
+                             "(start a new run with --model-tag, or resume with the run's settings)")
     start_step = checkpoint.resume_step(run_dir, args.resume, plan.config, batches.tokenizer_path,
                                         batches.tokenizer_sha256, batches.fingerprint)
     if jax.process_index() == 0:
