@@ -2,7 +2,8 @@
 
     python -m nanollama_jax.train --size tiny                          # built-in corpus, CPU, minutes
     python -m nanollama_jax.train --size small --mesh 4x1 --data data/fineweb --model-tag small
-    python -m nanollama_jax.train --size big --vocab-size 32000 --dry-run   # params, FLOPs, memory
+    python -m nanollama_jax.train --size big --vocab-size 32000 --dry-run   # params, FLOPs, memory, recipe
+    python -m nanollama_jax.train --size small --dtype bfloat16 --dry-run --device-memory 24   # what fits 24 GiB
 
 A run lives in runs/<tag>/ (config.json, tokenizer.model, checkpoints/, metrics.jsonl, plots).
 Batch k is a pure function of (seed, k), so `--resume` continues exactly where the last
@@ -22,7 +23,9 @@ from nanollama_base.cli import ArgumentParser, run_cli
 from . import checkpoint, sharding, xla_flags
 from .config import REMAT_POLICIES, load_size, size_names
 from .loop import Schedule, log, train_loop
+from .memory_fit import GIB, fit_report
 from .plan import resume_changes
+from .recipe import explain as explain_recipe
 from .training_setup import TrainingSetup
 
 
@@ -85,6 +88,9 @@ def build_parser() -> ArgumentParser:
                    help="bit-exact reruns on GPU (XLA's deterministic kernels, a few %% slower): a killed and resumed "
                         "run equals a straight one; CPU is always deterministic")
     p.add_argument("--dry-run", action="store_true", help="print the plan and compile the step; train nothing")
+    p.add_argument("--device-memory", type=positive_float, metavar="GIB",
+                   help="with --dry-run: memory per device to fit (default: what the accelerator reports); when the "
+                        "step does not fit, the cheapest --batch-size / --remat that does is searched for")
     p.add_argument("--no-compile", action="store_true", help="with --dry-run: skip compiling")
     p.add_argument("--coordinator", help="multi-host: coordinator address host:port (or JAX_COORDINATOR_ADDRESS)")
     p.add_argument("--num-processes", type=positive_int, help="multi-host: number of processes")
@@ -113,8 +119,12 @@ def train(args) -> None:
     if args.dry_run:
         setup = TrainingSetup.build(config, recipe, mesh, **plan_flags(args))
         print(setup.describe())
+        print("\n".join(explain_recipe(setup.plan, recipe, plan_flags(args), f"configs/{args.size}.json")))
         if not args.no_compile:
-            print("\n".join(setup.compile_report()))
+            print("\n".join(setup.compile_report()), flush=True)
+            limit = args.device_memory * GIB if args.device_memory else device_memory_limit(mesh)
+            if limit:
+                fit_report(setup, recipe, plan_flags(args), limit, say=lambda line: print(line, flush=True))
         return
 
     # 2. data: the vocabulary is the data's
@@ -183,6 +193,11 @@ def train(args) -> None:
             from .plot import plot_run
 
             plot_run(run.dir)
+
+
+def device_memory_limit(mesh) -> int | None:
+    """What the backend says one device may use (accelerators report it; CPUs do not)."""
+    return (mesh.devices.flat[0].memory_stats() or {}).get("bytes_limit")
 
 
 def plan_flags(args) -> dict:
