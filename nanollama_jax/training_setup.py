@@ -171,16 +171,22 @@ class TrainingSetup:
         return self.plan.describe(sharding.describe(self.mesh))
 
     @functools.cached_property
-    def step_memory(self):
-        """Compile the train step without allocating anything (once): (seconds, peak bytes per device,
-        XLA's memory analysis), the last two None when the backend does not report memory. Peak = arguments + outputs − donated aliases
-        + temporaries, what XLA reserves for one step."""
+    def compiled_step(self):
+        """(the train step compiled ahead of time for this plan's batch, seconds it took); callable
+        like `train_step` with concrete arrays. Nothing is allocated to compile it."""
         p = self.plan
         batch = jax.ShapeDtypeStruct((p.accum, p.micro_batch, p.seq_len + 1), jnp.int32, sharding=self.batch_sharding)
         start = time.perf_counter()
         with self.activate():
             compiled = self.train_step.lower(*self.abstract_state(), batch).compile()
-        seconds = time.perf_counter() - start
+        return compiled, time.perf_counter() - start
+
+    @functools.cached_property
+    def step_memory(self):
+        """(compile seconds, predicted peak bytes per device, XLA's memory analysis), the last two
+        None when the backend does not report memory. Peak = arguments + outputs − donated aliases +
+        temporaries: what XLA reserves for one step."""
+        compiled, seconds = self.compiled_step
         mem = compiled.memory_analysis()
         if mem is None:
             return seconds, None, None
