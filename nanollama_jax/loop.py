@@ -117,7 +117,7 @@ def train_loop(setup, schedule: Schedule, run: checkpoint.Run, mgr, batches, val
     # Batch k is made (read, assembled, placed on the devices) on a thread while step k - 1 runs.
     ahead = Prefetch(lambda k: setup.train_batch(batches[k]), start_step, last_step, depth=PREFETCH_DEPTH)
 
-    def record(step: int, out) -> None:
+    def report_step(step: int, out) -> None:
         """A step's metrics, read once it completed (while the next step is already queued)."""
         nonlocal window
         loss, grad_norm = float(out["loss"]), float(out["grad_norm"])
@@ -146,7 +146,7 @@ def train_loop(setup, schedule: Schedule, run: checkpoint.Run, mgr, batches, val
             params, opt_state, out = setup.train_step(params, opt_state, ahead.next())
             step += 1
             if pending is not None:
-                record(*pending)
+                report_step(*pending)
             pending = (step, out)
             sample_now = schedule.sample_every and (step % schedule.sample_every == 0 or step == plan.steps)
             eval_now = step % schedule.eval_every == 0 or step == plan.steps
@@ -154,7 +154,7 @@ def train_loop(setup, schedule: Schedule, run: checkpoint.Run, mgr, batches, val
             if not (eval_now or sample_now or save_now):
                 continue
             # What follows needs this step's state, which the next step would consume (donated).
-            record(*pending)
+            report_step(*pending)
             pending = None
             if eval_now:
                 val_loss = float(np.mean([float(setup.eval_step(params, setup.eval_batch(v))) for v in val_local]))
