@@ -4,15 +4,20 @@ curves of both from the same init over the same batches.
 
     python -m benchmarks.train_throughput              # nano shapes, seq 256, batch 8, fp32
     python -m benchmarks.train_throughput --quick      # fewer steps
+    python -m benchmarks.train_throughput --reference ~/src/nanollama   # + the reference's own PyTorch step
+
+With `--reference DIR` (a checkout of nanollama), its model and optimizers are imported from DIR
+and run as they are (nothing of it is copied or committed), beside transformers.
 
 Writes benchmarks/results/train_throughput.{json,md,png}.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import importlib
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nanollama_base.cli import ArgumentParser, run_cli
 from nanollama_jax import optim
 from nanollama_jax.config import LlamaConfig, load_size
 from nanollama_jax.model import init_params
@@ -87,6 +93,64 @@ def torch_stepper(config: LlamaConfig, batches: list[np.ndarray], schedule_steps
     return run
 
 
+# What --reference needs from a nanollama checkout: its model module and these names in it.
+REFERENCE_MODULE = "nanollama.model"
+REFERENCE_NAMES = ("LlamaConfig", "Llama")
+
+
+def import_reference(ref_dir: str | Path):
+    """The reference's model module, imported from the checkout `ref_dir`; a ValueError naming
+    what is missing when the folder is not such a checkout."""
+    ref_dir = Path(ref_dir).expanduser().resolve()
+    source = ref_dir / (REFERENCE_MODULE.replace(".", "/") + ".py")
+    if not source.is_file():
+        raise ValueError(f"{ref_dir}: not a nanollama checkout (no {source.relative_to(ref_dir)})")
+    package = REFERENCE_MODULE.split(".")[0]
+    for name in [m for m in sys.modules if m == package or m.startswith(package + ".")]:
+        del sys.modules[name]  # another checkout imported earlier in this process
+    sys.path.insert(0, str(ref_dir))
+    try:
+        module = importlib.import_module(REFERENCE_MODULE)
+    except Exception as e:  # its own imports failing: say which
+        raise ValueError(f"{source}: cannot import the reference model ({type(e).__name__}: {e})") from None
+    finally:
+        sys.path.remove(str(ref_dir))
+    missing = [n for n in REFERENCE_NAMES if not hasattr(module, n)]
+    if missing:
+        raise ValueError(f"{source}: no {', '.join(missing)} in the reference model module")
+    return module
+
+
+def reference_stepper(module, config: LlamaConfig, batches: list[np.ndarray]):
+    """The reference's own PyTorch path: its model (its init) and its optimizers (Muon for the
+    hidden matrices, AdamW for the rest, from its `setup_optimizers`), one step per call."""
+    import torch
+
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(0)
+    ref_config = module.LlamaConfig(sequence_len=config.sequence_len, vocab_size=config.vocab_size,
+                                    n_layer=config.n_layer, n_head=config.n_head, n_kv_head=config.n_kv_head,
+                                    n_embd=config.n_embd)
+    model = module.Llama(ref_config)
+    if hasattr(model, "init_weights"):
+        model.init_weights()
+    model.train()
+    optimizers = model.setup_optimizers()
+    optimizers = list(optimizers) if isinstance(optimizers, (list, tuple)) else [optimizers]
+
+    def run(i: int) -> float:
+        tokens = torch.from_numpy(batches[i % len(batches)]).long()
+        loss = model(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return run
+
+
 def interleaved_speed(steppers: dict, tokens_per_step: int, rounds: int, warmup: int = 2) -> dict:
     """tokens/s of each stepper from the median step time, the paths taking turns step by step so
     that any other load on the machine falls on all of them alike."""
@@ -109,10 +173,16 @@ def make_batches(config: LlamaConfig, batch: int, seq: int, count: int) -> list[
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.train_throughput", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m benchmarks.train_throughput", description=__doc__)
     p.add_argument("--quick", action="store_true", help="fewer steps (a smoke run)")
+    p.add_argument("--reference", metavar="DIR", help="a checkout of the reference nanollama: also time its own "
+                                                      "PyTorch model + Muon/AdamW step")
     args = p.parse_args(argv)
+    run_cli(p.prog, lambda: benchmark(args))
+
+
+def benchmark(args) -> None:
+    reference = import_reference(args.reference) if args.reference else None  # before any long work
     speed_steps, curve_steps = (3, 40) if args.quick else (10, 300)
 
     # 1. throughput at nano shapes (vocab 32000), seq 256, batch 8, fp32
@@ -120,9 +190,12 @@ def main(argv=None):
     speed_batches = make_batches(nano, 8, 256, speed_steps)
     gemm = cpu_gemm_flops()
     flops = nano.flops_per_token(256)
-    tok_s = interleaved_speed({"jax_adamw": jax_stepper(nano, speed_batches, "adamw", 1000),
-                               "jax_muon": jax_stepper(nano, speed_batches, "muon", 1000),
-                               "torch_adamw": torch_stepper(nano, speed_batches, 1000)}, 8 * 256, speed_steps)
+    steppers = {"jax_adamw": jax_stepper(nano, speed_batches, "adamw", 1000),
+                "jax_muon": jax_stepper(nano, speed_batches, "muon", 1000),
+                "torch_adamw": torch_stepper(nano, speed_batches, 1000)}
+    if reference is not None:
+        steppers["nanollama_muon"] = reference_stepper(reference, nano, speed_batches)
+    tok_s = interleaved_speed(steppers, 8 * 256, speed_steps)
     speed = {}
     for name, rate in tok_s.items():
         speed[name] = {"tokens_per_sec": rate, "share_of_gemm_peak": rate * flops / gemm}
@@ -143,7 +216,9 @@ def main(argv=None):
               "throughput": {"shape": "nano (12 x 384, vocab 32000), seq 256, batch 8, fp32", **speed,
                              "ratio_jax_adamw_to_torch_adamw": ratio,
                              "ratio_jax_muon_to_torch_adamw": speed["jax_muon"]["tokens_per_sec"]
-                             / speed["torch_adamw"]["tokens_per_sec"]},
+                             / speed["torch_adamw"]["tokens_per_sec"],
+                             **({"ratio_jax_muon_to_nanollama_muon": speed["jax_muon"]["tokens_per_sec"]
+                                 / speed["nanollama_muon"]["tokens_per_sec"]} if "nanollama_muon" in speed else {})},
               "loss_curves": {"shape": "tiny (4 x 256, vocab 4096), seq 128, batch 8", **curves}}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "train_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -170,7 +245,8 @@ def plot(speed: dict, curves: dict) -> None:
 
     fig, (ax_speed, ax_loss) = plt.subplots(1, 2, figsize=(12, 4))
     names = list(speed)
-    ax_speed.bar(names, [speed[n]["tokens_per_sec"] for n in names], color=["tab:blue", "tab:green", "tab:orange"])
+    ax_speed.bar(names, [speed[n]["tokens_per_sec"] for n in names],
+                 color=["tab:blue", "tab:green", "tab:orange", "tab:red"][:len(names)])
     ax_speed.set(title="training tokens/s, nano shapes (CPU, fp32)", ylabel="tokens/s")
     for name, losses in curves.items():
         smooth = np.convolve(losses, np.ones(5) / 5, mode="valid")

@@ -20,11 +20,13 @@ import jax.numpy as jnp
 from nanollama_base.cli import Progress
 
 from . import checkpoint
+from .prefetch import DeviceClock, Prefetch
 
 # Dense bf16 peak FLOP/s per device, by device kind (substring match), for MFU.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12,
               "TPU v5p": 459e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v4": 275e12, "TPU v6": 918e12}
 SAMPLE_PROMPTS = ("The", "In this module,")
+PREFETCH_DEPTH = 2  # batches made ahead of the device
 
 
 def log(msg: str) -> None:
@@ -107,53 +109,72 @@ def train_loop(setup, schedule: Schedule, run: checkpoint.Run, mgr, batches, eva
         stop["signal"] = signal.Signals(signum).name
 
     handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    window: list[float] = []  # recent step times, compilation excluded
+    window: list[float] = []  # recent device step times, compilation and pauses excluded
     bar = Progress(plan.steps, initial=start_step, desc="train", unit="step", enabled=jax.process_index() == 0)
     step = saved_at = start_step
+    clock = DeviceClock()
+    # Batch k is made (read, assembled, placed on the devices) on a thread while step k - 1 runs.
+    ahead = Prefetch(lambda k: setup.train_batch(batches[k]), start_step, last_step, depth=PREFETCH_DEPTH)
+
+    def report_step(step: int, out) -> None:
+        """A step's metrics, read once it completed (while the next step is already queued)."""
+        nonlocal window
+        loss, grad_norm = float(out["loss"]), float(out["grad_norm"])
+        dt = clock.completed()
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            raise ValueError(f"step {step}: loss {loss}, grad norm {grad_norm} — training diverged; "
+                             f"the last good checkpoint (step {saved_at}) is kept. Try a lower --lr-scale.")
+        if dt is not None:
+            window = (window + [dt])[-20:]
+        step_time = sum(window) / len(window) if window else float("nan")
+        tok_s = plan.tokens_per_step / step_time
+        mfu = tok_s * flops_per_token / (peak * n_dev) if peak else float("nan")
+        lr = setup.learning_rate(step - 1)
+        metrics.write(step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_sec=tok_s, mfu=mfu,
+                      tokens=step * plan.tokens_per_step)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}")
+        if (step % schedule.log_every == 0 or step == last_step) and jax.process_index() == 0:
+            bar.write(f"step {step:5d}/{plan.steps} | loss {loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
+                      f"{tok_s:,.0f} tok/s | MFU {mfu * 100:.1f}% | ETA {format_eta((plan.steps - step) * step_time)}")
+
+    pending = None  # (step, its device scalars): dispatched, not read yet
     try:
         while step < last_step:
-            batch = setup.train_batch(batches[step])
-            t0 = time.perf_counter()
-            params, opt_state, out = setup.train_step(params, opt_state, batch)
-            loss, grad_norm = float(out["loss"]), float(out["grad_norm"])
-            dt = time.perf_counter() - t0
+            # Dispatch step + 1 before reading step's scalars: the device never waits for the host.
+            params, opt_state, out = setup.train_step(params, opt_state, ahead.next())
             step += 1
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                raise ValueError(f"step {step}: loss {loss}, grad norm {grad_norm} — training diverged; "
-                                 f"the last good checkpoint (step {saved_at}) is kept. Try a lower --lr-scale.")
-            if step > start_step + 1:  # the first step of an invocation includes compilation
-                window = (window + [dt])[-20:]
-            step_time = sum(window) / len(window) if window else float("nan")
-            tok_s = plan.tokens_per_step / step_time
-            mfu = tok_s * flops_per_token / (peak * n_dev) if peak else float("nan")
-            lr = setup.learning_rate(step - 1)
-            metrics.write(step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_sec=tok_s, mfu=mfu,
-                          tokens=step * plan.tokens_per_step)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}")
-            if step % schedule.log_every == 0 or step == last_step:
-                eta = (plan.steps - step) * step_time
-                if jax.process_index() == 0:
-                    bar.write(f"step {step:5d}/{plan.steps} | loss {loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
-                              f"{tok_s:,.0f} tok/s | MFU {mfu * 100:.1f}% | ETA {format_eta(eta)}")
-            if step % schedule.eval_every == 0 or step == plan.steps:
+            if pending is not None:
+                report_step(*pending)
+            pending = (step, out)
+            sample_now = schedule.sample_every and (step % schedule.sample_every == 0 or step == plan.steps)
+            eval_now = step % schedule.eval_every == 0 or step == plan.steps
+            save_now = step % schedule.save_every == 0 or step == last_step or stop["signal"]
+            if not (eval_now or sample_now or save_now):
+                continue
+            # What follows needs this step's state, which the next step would consume (donated).
+            report_step(*pending)
+            pending = None
+            if eval_now:
                 record, lines = evaluation.evaluate(params, step, checkpoint_meta(plan, batches, step))
                 metrics.write(step=step, **record)
                 if jax.process_index() == 0:
                     for line in lines:
                         bar.write(line)
-            if schedule.sample_every and (step % schedule.sample_every == 0 or step == plan.steps):
+            if sample_now:
                 for text in samples(params, config, run.tokenizer_path, plan.seed):
                     metrics.write(step=step, sample=text)
                     if jax.process_index() == 0:
                         bar.write(f"sample: {text!r}")
-            if step % schedule.save_every == 0 or step == last_step or stop["signal"]:
+            if save_now:
                 checkpoint.save(mgr, step, params, checkpoint_meta(plan, batches, step), opt_state)
                 saved_at = step
             if stop["signal"]:
                 log(f"\n{stop['signal']}: saved a checkpoint at step {step}; continue with --resume")
                 break
+            clock.restart()  # the device idled while the host validated, sampled or saved
     finally:
+        ahead.close()
         bar.close()
         mgr.wait_until_finished()
         mgr.close()

@@ -61,6 +61,49 @@ class Plan:
         ])
 
 
+# What a resumed run must keep, because it changes what the run computes: the optimizer and its
+# schedule, the data order. The rest may change on resume: remat, the mesh, and the micro-batch so
+# long as the global batch stays (accumulation makes up the difference). The model config (dtype
+# included) and the data's identity are checked apart (checkpoint.resume_step).
+RUN_DEFINING = {
+    "optimizer": "optimizer (--optimizer)",
+    "steps": "schedule length (--steps)",
+    "warmup": "warmup steps",
+    "lr_scale": "learning-rate scale (--lr-scale)",
+    "weight_decay": "weight decay (the recipe's weight_decay)",
+    "seed": "data order and init (--seed)",
+    "seq_len": "sequence length (--seq-len)",
+    "tokens_per_step": "tokens per step (--tokens-per-step)",
+}
+
+
+def resume_changes(saved: dict, plan: Plan) -> list[str]:
+    """What `plan` changes of a run whose config.json "train" section is `saved`, one phrase per
+    setting (empty: the run may resume with this plan)."""
+    if {"batch_size", "data_parallel", "accum", "seq_len"} <= saved.keys():
+        rows = saved["batch_size"] * saved["data_parallel"] * saved["accum"]
+        saved = {**saved, "tokens_per_step": rows * saved["seq_len"]}
+    now = {**plan.settings(), "tokens_per_step": plan.tokens_per_step}
+    return [f"{what} {saved[key]} → {now[key]}" for key, what in RUN_DEFINING.items()
+            if key in saved and saved[key] != now[key]]
+
+
+# Recipe rules (recipe.py explains them in --dry-run): train on TOKENS_PER_PARAM tokens per
+# parameter (Chinchilla's compute-optimal ratio, which the reference's table of sizes and token
+# counts follows: nano 0.9B+ tokens for 46M parameters), at least MIN_STEPS steps; warm up for
+# WARMUP_STEPS (the reference's), at most a tenth of the run; DEFAULT_TOKENS_PER_STEP (the
+# reference's default, 256 rows of 2048) when a recipe states none.
+TOKENS_PER_PARAM = 20
+MIN_STEPS = 1000
+WARMUP_STEPS = 100
+DEFAULT_TOKENS_PER_STEP = 524288
+
+
+def compute_optimal_steps(config: LlamaConfig, tokens_per_step: int) -> int:
+    """Steps to train TOKENS_PER_PARAM tokens per parameter (rounded up), at least MIN_STEPS."""
+    return max(MIN_STEPS, -(-TOKENS_PER_PARAM * config.param_count() // tokens_per_step))
+
+
 def default_dtype() -> str:
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
@@ -76,12 +119,12 @@ def build_plan(config: LlamaConfig, recipe: dict, data_parallel: int, *, seq_len
     config = dataclasses.replace(config, sequence_len=seq_len, dtype=dtype, remat=remat or default_remat(dtype))
     batch_size = batch_size or recipe.get("batch_size", 32)
     micro = batch_size * data_parallel * seq_len
-    tokens = tokens_per_step or recipe.get("tokens_per_step", 524288)
+    tokens = tokens_per_step or recipe.get("tokens_per_step", DEFAULT_TOKENS_PER_STEP)
     accum = max(1, tokens // micro)
     if tokens > micro and tokens % micro:
         raise ValueError(f"--tokens-per-step {tokens} is not a multiple of batch {batch_size} x data-parallel "
                          f"{data_parallel} x seq {seq_len} = {micro} tokens; try --tokens-per-step {accum * micro}")
-    steps = steps or recipe.get("steps") or max(1000, 10 * config.param_count() // (accum * micro))
-    warmup = min(recipe.get("warmup_steps", 100), max(1, steps // 10))
+    steps = steps or recipe.get("steps") or compute_optimal_steps(config, accum * micro)
+    warmup = min(recipe.get("warmup_steps", WARMUP_STEPS), max(1, steps // 10))
     return Plan(config, steps, warmup, seq_len, batch_size, data_parallel, accum, seed, optimizer, lr_scale,
                 recipe.get("weight_decay", 0.0))

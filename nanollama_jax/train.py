@@ -2,7 +2,8 @@
 
     python -m nanollama_jax.train --size tiny                          # built-in corpus, CPU, minutes
     python -m nanollama_jax.train --size small --mesh 4x1 --data data/fineweb --model-tag small
-    python -m nanollama_jax.train --size big --vocab-size 32000 --dry-run   # params, FLOPs, memory
+    python -m nanollama_jax.train --size big --vocab-size 32000 --dry-run   # params, FLOPs, memory, recipe
+    python -m nanollama_jax.train --size small --dtype bfloat16 --dry-run --device-memory 24   # what fits 24 GiB
     python -m nanollama_jax.train --size nano --data data/fineweb --eval-tasks eval_bundle --eval-every 500
 
 A run lives in runs/<tag>/ (config.json, tokenizer.model, checkpoints/, metrics.jsonl, plots), and
@@ -23,9 +24,12 @@ import jax
 
 from nanollama_base.cli import ArgumentParser, run_cli
 
-from . import checkpoint, sharding
+from . import checkpoint, sharding, xla_flags
 from .config import REMAT_POLICIES, load_size, size_names
 from .loop import Schedule, log, train_loop
+from .memory_fit import GIB, fit_report
+from .plan import resume_changes
+from .recipe import explain as explain_recipe
 from .training_setup import TrainingSetup
 
 
@@ -89,7 +93,13 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--save-every", type=positive_int, help="checkpoint every N steps (default: 10 times per run)")
     p.add_argument("--keep", type=positive_int, default=3, help="checkpoints to keep")
     p.add_argument("--log-every", type=positive_int, default=10, help="a log line every N steps (default 10)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="bit-exact reruns on GPU (XLA's deterministic kernels, a few %% slower): a killed and resumed "
+                        "run equals a straight one; CPU is always deterministic")
     p.add_argument("--dry-run", action="store_true", help="print the plan and compile the step; train nothing")
+    p.add_argument("--device-memory", type=positive_float, metavar="GIB",
+                   help="with --dry-run: memory per device to fit (default: what the accelerator reports); when the "
+                        "step does not fit, the cheapest --batch-size / --remat that does is searched for")
     p.add_argument("--no-compile", action="store_true", help="with --dry-run: skip compiling")
     p.add_argument("--coordinator", help="multi-host: coordinator address host:port (or JAX_COORDINATOR_ADDRESS)")
     p.add_argument("--num-processes", type=positive_int, help="multi-host: number of processes")
@@ -104,8 +114,10 @@ def main(argv=None):
 
 
 def train(args) -> None:
-    # 1. processes, model and mesh
-    init_distributed(args)
+    # 1. the XLA runtime (before the backend starts), processes, model and mesh
+    runtime = xla_flags.set_up_runtime(deterministic=args.deterministic)
+    init_distributed(args)  # before anything asks jax for devices (log does)
+    log(runtime)
     config, recipe = load_size(args.size)
     init_run = checkpoint.open_run(args.init_from) if args.init_from else None
     if init_run:  # continued training: the model is the one in that run, whatever its origin
@@ -116,8 +128,12 @@ def train(args) -> None:
     if args.dry_run:
         setup = TrainingSetup.build(config, recipe, mesh, **plan_flags(args))
         print(setup.describe())
+        print("\n".join(explain_recipe(setup.plan, recipe, plan_flags(args), f"configs/{args.size}.json")))
         if not args.no_compile:
-            print("\n".join(setup.compile_report()))
+            print("\n".join(setup.compile_report()), flush=True)
+            limit = args.device_memory * GIB if args.device_memory else device_memory_limit(mesh)
+            if limit:
+                fit_report(setup, recipe, plan_flags(args), limit, say=lambda line: print(line, flush=True))
         return
 
     # 2. data (the vocabulary is the data's) and the evaluation tasks
@@ -155,6 +171,11 @@ def train(args) -> None:
     sections = {"train": plan.settings(),
                 "data": {"dir": str(Path(data_dir).resolve()), "fingerprint": batches.fingerprint,
                          "personality_dir": args.personality_dir}}
+    if args.resume and checkpoint.saved_steps(run_dir):
+        changes = resume_changes(checkpoint.open_run(run_dir).info.get("train", {}), plan)
+        if changes:
+            raise ValueError(f"{run_dir}: cannot resume, this would change the run: {'; '.join(changes)} "
+                             "(start a new run with --model-tag, or resume with the run's settings)")
     start_step = checkpoint.resume_step(run_dir, args.resume, plan.config, batches.tokenizer_path,
                                         batches.tokenizer_sha256, batches.fingerprint)
     if jax.process_index() == 0:
@@ -188,6 +209,11 @@ def train(args) -> None:
             from .plot import plot_run
 
             plot_run(run.dir)
+
+
+def device_memory_limit(mesh) -> int | None:
+    """What the backend says one device may use (accelerators report it; CPUs do not)."""
+    return (mesh.devices.flat[0].memory_stats() or {}).get("bytes_limit")
 
 
 def plan_flags(args) -> dict:

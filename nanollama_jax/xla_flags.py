@@ -2,6 +2,7 @@
 all-gathers and reduce-scatters overlap with compute, and the persistent compilation cache.
 
     apply_xla_flags()            # first thing in a command, before anything asks jax for devices
+    apply_xla_flags(deterministic=True)   # also bit-exact GPU reductions (train --deterministic)
     enable_compilation_cache()   # any time before the first compile
 
 Flags the user already put in XLA_FLAGS win (matched by name); NANOLLAMA_XLA_DEFAULTS=0 turns our
@@ -24,6 +25,13 @@ GPU_FLAGS = (
     "--xla_gpu_all_gather_combine_threshold_bytes=134217728",
     "--xla_gpu_reduce_scatter_combine_threshold_bytes=134217728",
 )
+# Bit-exact reruns on GPU (a killed and resumed run equal to a straight one): XLA picks only
+# deterministic kernels (no atomics in scatters and reductions; cuDNN's deterministic backward).
+# Slower by a few percent; CPU is deterministic already.
+DETERMINISTIC_GPU_FLAGS = (
+    "--xla_gpu_deterministic_ops=true",
+    "--xla_gpu_exclude_nondeterministic_ops=true",
+)
 DEFAULTS_ENV = "NANOLLAMA_XLA_DEFAULTS"
 CACHE_ENV = "NANOLLAMA_COMPILATION_CACHE"
 DEFAULT_CACHE = Path("~/.cache/nanollama_jax/xla")
@@ -33,13 +41,15 @@ def flag_name(flag: str) -> str:
     return flag.split("=", 1)[0]
 
 
-def with_default_flags(existing: str, platform: str) -> str:
-    """XLA_FLAGS with our defaults for `platform` added after the user's own; a flag the user set
-    (by name, whatever its value) is left as the user set it. Only GPUs get defaults."""
+def with_default_flags(existing: str, platform: str, deterministic: bool = False, defaults: bool = True) -> str:
+    """XLA_FLAGS with our flags for `platform` added after the user's own: the overlap defaults
+    (unless `defaults` is off) and, with `deterministic`, the bit-exact ones. A flag the user set
+    (by name, whatever its value) is left as the user set it. Only GPUs get flags."""
     if platform != "gpu":
         return existing
     present = {flag_name(f) for f in existing.split()}
-    added = [f for f in GPU_FLAGS if flag_name(f) not in present]
+    wanted = (GPU_FLAGS if defaults else ()) + (DETERMINISTIC_GPU_FLAGS if deterministic else ())
+    added = [f for f in wanted if flag_name(f) not in present]
     return " ".join(existing.split() + added)
 
 
@@ -61,14 +71,15 @@ def _installed(module: str) -> bool:
         return False
 
 
-def apply_xla_flags(platform: str | None = None, environ=os.environ) -> str:
-    """Set XLA_FLAGS (in `environ`) with the platform's defaults; returns the flags now in force.
-    Call before the backend starts: XLA reads the variable once."""
-    flags = environ.get("XLA_FLAGS", "")
-    if environ.get(DEFAULTS_ENV, "1") != "0":
-        flags = with_default_flags(flags, platform or detect_platform())
-        if flags:
-            environ["XLA_FLAGS"] = flags
+def apply_xla_flags(platform: str | None = None, environ=os.environ, deterministic: bool = False) -> str:
+    """Set XLA_FLAGS (in `environ`) with the platform's defaults and, with `deterministic`, the flags
+    for bit-exact GPU reruns (NANOLLAMA_XLA_DEFAULTS=0 drops the defaults, not these); returns the
+    flags now in force. Call before the backend starts: XLA reads the variable once."""
+    existing = environ.get("XLA_FLAGS", "")
+    flags = with_default_flags(existing, platform or detect_platform(), deterministic,
+                               defaults=environ.get(DEFAULTS_ENV, "1") != "0")
+    if flags != existing:
+        environ["XLA_FLAGS"] = flags
     return flags
 
 
@@ -93,3 +104,17 @@ def enable_compilation_cache(path: Path | None | str = "default", environ=os.env
     # cache every program that took a second to compile; tiny ones are faster to rebuild than to read
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     return folder
+
+
+def set_up_runtime(deterministic: bool = False, environ=os.environ) -> str:
+    """A command's XLA set-up in one call, before the backend starts: the platform's flags
+    (`apply_xla_flags`) and the compilation cache (on by default on accelerators; on CPU only when
+    NANOLLAMA_COMPILATION_CACHE names a folder, compiles there being quick to redo). Returns a line
+    saying what is in force, for the log."""
+    platform = detect_platform()
+    flags = apply_xla_flags(platform, environ, deterministic)
+    wanted = platform != "cpu" or environ.get(CACHE_ENV, "").strip()
+    folder = enable_compilation_cache("default", environ) if wanted else None
+    exact = ("deterministic ops" if platform == "gpu" else "deterministic (as CPU always is)") if deterministic else ""
+    return (f"XLA ({platform}): flags {flags or '(none)'}; compilation cache {folder or 'off'}"
+            + (f"; {exact}" if exact else ""))

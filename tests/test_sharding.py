@@ -54,6 +54,19 @@ def test_apply_xla_flags_sets_the_environment_and_can_be_turned_off():
     assert "XLA_FLAGS" not in env
 
 
+def test_deterministic_adds_its_flags_on_gpu_even_without_the_defaults():
+    env = {X.DEFAULTS_ENV: "0", "XLA_FLAGS": "--xla_gpu_deterministic_ops=false"}
+    X.apply_xla_flags("gpu", environ=env, deterministic=True)
+    assert env["XLA_FLAGS"].split() == ["--xla_gpu_deterministic_ops=false",  # the user's own value wins
+                                        "--xla_gpu_exclude_nondeterministic_ops=true"]
+    env = {}
+    X.apply_xla_flags("gpu", environ=env, deterministic=True)
+    assert set(X.GPU_FLAGS + X.DETERMINISTIC_GPU_FLAGS) == set(env["XLA_FLAGS"].split())
+    env = {}
+    X.apply_xla_flags("cpu", environ=env, deterministic=True)
+    assert "XLA_FLAGS" not in env  # CPU is deterministic already
+
+
 def test_platform_detection_follows_jax_platforms(monkeypatch):
     monkeypatch.setenv("JAX_PLATFORMS", "cuda,cpu")
     assert X.detect_platform() == "gpu"
