@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
-import signal
 import sys
 import time
 from pathlib import Path
@@ -20,7 +18,10 @@ import numpy as np
 
 from nanollama_base.cli import Progress
 
-from . import checkpoint
+from . import checkpoint, faults
+from .metrics import MetricsLog
+from .plot import PlotRefresher
+from .preemption import StopSignals
 
 # Dense bf16 peak FLOP/s per device, by device kind (substring match), for MFU.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12,
@@ -73,93 +74,86 @@ def cpu_gemm_flops(n: int = 1024) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
-class Metrics:
-    """metrics.jsonl, written by process 0; on resume, lines past the restored step are dropped."""
-
-    def __init__(self, path: Path, resume_step: int):
-        self.path = path
-        self.enabled = jax.process_index() == 0
-        if self.enabled and path.exists():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept))
-
-    def write(self, **record) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-
 def train_loop(setup, schedule: Schedule, run: checkpoint.Run, mgr, batches, validation: list[np.ndarray],
                bytes_per_token: float, state, start_step: int) -> int:
     """Train from `start_step` to the plan's end (or `schedule.stop_after` steps, or a signal),
-    inside `setup.activate()`. Returns the step reached; a checkpoint is saved there."""
+    inside `setup.activate()`. Returns the step reached; a checkpoint is saved there. The curves
+    plot is refreshed at each evaluation and on exit."""
     plan, config = setup.plan, setup.config
     params, opt_state = state
-    metrics = Metrics(run.dir / "metrics.jsonl", start_step)
+    metrics = MetricsLog(run.dir / "metrics.jsonl", start_step, enabled=jax.process_index() == 0)
+    plots = PlotRefresher(run.dir, enabled=jax.process_index() == 0, warn=log)
     peak = peak_flops(setup.mesh.devices.flat[0])
     n_dev = setup.mesh.devices.size
     flops_per_token = config.flops_per_token(plan.seq_len)
     last_step = min(plan.steps, start_step + schedule.stop_after) if schedule.stop_after else plan.steps
 
-    stop = {"signal": None}
-
-    def on_signal(signum, _):
-        stop["signal"] = signal.Signals(signum).name
-
-    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     val_local = [local_rows(v) for v in validation]
     window: list[float] = []  # recent step times, compilation excluded
     bar = Progress(plan.steps, initial=start_step, desc="train", unit="step", enabled=jax.process_index() == 0)
     step = saved_at = start_step
-    try:
-        while step < last_step:
-            batch = setup.train_batch(batches[step])
-            t0 = time.perf_counter()
-            params, opt_state, out = setup.train_step(params, opt_state, batch)
-            loss, grad_norm = float(out["loss"]), float(out["grad_norm"])
-            dt = time.perf_counter() - t0
-            step += 1
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                raise ValueError(f"step {step}: loss {loss}, grad norm {grad_norm} — training diverged; "
-                                 f"the last good checkpoint (step {saved_at}) is kept. Try a lower --lr-scale.")
-            if step > start_step + 1:  # the first step of an invocation includes compilation
-                window = (window + [dt])[-20:]
-            step_time = sum(window) / len(window) if window else float("nan")
-            tok_s = plan.tokens_per_step / step_time
-            mfu = tok_s * flops_per_token / (peak * n_dev) if peak else float("nan")
-            lr = setup.learning_rate(step - 1)
-            metrics.write(step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_sec=tok_s, mfu=mfu,
-                          tokens=step * plan.tokens_per_step)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}")
-            if step % schedule.log_every == 0 or step == last_step:
-                eta = (plan.steps - step) * step_time
-                if jax.process_index() == 0:
-                    bar.write(f"step {step:5d}/{plan.steps} | loss {loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
-                              f"{tok_s:,.0f} tok/s | MFU {mfu * 100:.1f}% | ETA {format_eta(eta)}")
-            if step % schedule.eval_every == 0 or step == plan.steps:
-                val_loss = float(np.mean([float(setup.eval_step(params, setup.eval_batch(v))) for v in val_local]))
-                bpb = val_loss / math.log(2) / bytes_per_token
-                metrics.write(step=step, val_loss=val_loss, val_bpb=bpb)
-                if jax.process_index() == 0:
-                    bar.write(f"step {step:5d} | validation loss {val_loss:.4f} | {bpb:.3f} bits per byte")
-            if schedule.sample_every and (step % schedule.sample_every == 0 or step == plan.steps):
-                for text in samples(params, config, run.tokenizer_path, plan.seed):
-                    metrics.write(step=step, sample=text)
+    with StopSignals(lambda: (checkpoint.saved_steps(run.dir) or [None])[-1], log) as stop:
+        try:
+            while step < last_step:
+                batch = setup.train_batch(batches[step])
+                t0 = time.perf_counter()
+                stop.step_started()
+                params, opt_state, out = setup.train_step(params, opt_state, batch)
+                faults.kill_point("step", step + 1)
+                loss, grad_norm = float(out["loss"]), float(out["grad_norm"])
+                dt = time.perf_counter() - t0
+                step += 1
+                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                    raise ValueError(f"step {step}: loss {loss}, grad norm {grad_norm} — training diverged; "
+                                     f"the last good checkpoint (step {saved_at}) is kept. Try a lower --lr-scale.")
+                if step > start_step + 1:  # the first step of an invocation includes compilation
+                    window = (window + [dt])[-20:]
+                step_time = sum(window) / len(window) if window else float("nan")
+                stop.step_finished(step_time if window else None)
+                tok_s = plan.tokens_per_step / step_time
+                mfu = tok_s * flops_per_token / (peak * n_dev) if peak else float("nan")
+                lr = setup.learning_rate(step - 1)
+                metrics.write(step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_sec=tok_s, mfu=mfu,
+                              tokens=step * plan.tokens_per_step)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}")
+                if step % schedule.log_every == 0 or step == last_step:
+                    eta = (plan.steps - step) * step_time
                     if jax.process_index() == 0:
-                        bar.write(f"sample: {text!r}")
-            if step % schedule.save_every == 0 or step == last_step or stop["signal"]:
-                checkpoint.save(mgr, step, params, checkpoint_meta(plan, batches, step), opt_state)
-                saved_at = step
-            if stop["signal"]:
-                log(f"\n{stop['signal']}: saved a checkpoint at step {step}; continue with --resume")
-                break
-    finally:
-        bar.close()
-        mgr.wait_until_finished()
-        mgr.close()
-        for s, h in handlers.items():
-            signal.signal(s, h)
+                        bar.write(f"step {step:5d}/{plan.steps} | loss {loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
+                                  f"{tok_s:,.0f} tok/s | MFU {mfu * 100:.1f}% | ETA {format_eta(eta)}")
+                if step % schedule.eval_every == 0 or step == plan.steps:
+                    val_losses = []
+                    for v in val_local:
+                        val_losses.append(float(setup.eval_step(params, setup.eval_batch(v))))
+                        faults.kill_point("eval", step)
+                    val_loss = float(np.mean(val_losses))
+                    bpb = val_loss / math.log(2) / bytes_per_token
+                    metrics.write(step=step, val_loss=val_loss, val_bpb=bpb)
+                    if jax.process_index() == 0:
+                        bar.write(f"step {step:5d} | validation loss {val_loss:.4f} | {bpb:.3f} bits per byte")
+                    plots.refresh()
+                if schedule.sample_every and (step % schedule.sample_every == 0 or step == plan.steps):
+                    for text in samples(params, config, run.tokenizer_path, plan.seed):
+                        metrics.write(step=step, sample=text)
+                        if jax.process_index() == 0:
+                            bar.write(f"sample: {text!r}")
+                reason = stop.should_stop()  # every process, every step: they all stop at the same one
+                if step % schedule.save_every == 0 or step == last_step or reason:
+                    checkpoint.save(mgr, step, params, checkpoint_meta(plan, batches, step), opt_state)
+                    faults.kill_point("save", step)
+                    saved_at = step
+                if reason:
+                    mgr.wait_until_finished()
+                    log(f"\n{reason}: saved a checkpoint at step {step}; continue with --resume")
+                    break
+        finally:
+            bar.close()
+            try:
+                mgr.wait_until_finished()
+                mgr.close()
+            finally:
+                plots.close()
     return step
 
 

@@ -6,7 +6,8 @@
 
 A run lives in runs/<tag>/ (config.json, tokenizer.model, checkpoints/, metrics.jsonl, plots).
 Batch k is a pure function of (seed, k), so `--resume` continues exactly where the last
-checkpoint left off. Ctrl-C (or SIGTERM) saves a checkpoint before exiting.
+checkpoint left off (`--resume-step N`: from an earlier one). Ctrl-C (or SIGTERM) saves a
+checkpoint at the end of the current step and says when; a second one exits at once.
 """
 from __future__ import annotations
 
@@ -68,6 +69,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--remat", choices=("none", "dots", "full"), help="activation rematerialisation policy")
     p.add_argument("--seed", type=non_negative_int, default=0, help="init and data order (default 0)")
     p.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
+    p.add_argument("--resume-step", type=positive_int,
+                   help="with --resume: continue from this checkpoint instead (e.g. when the last one is damaged)")
     p.add_argument("--init-from", help="start from another run's weights (an import, a GGUF read back, an "
                                        "injected personality): continued pretraining with a fresh optimizer")
     p.add_argument("--stop-after", type=positive_int,
@@ -90,6 +93,8 @@ def build_parser() -> ArgumentParser:
 def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
+    if args.resume_step and not args.resume:
+        p.error("--resume-step needs --resume")
     run_cli(p.prog, lambda: train(args))
 
 
@@ -142,7 +147,7 @@ def train(args) -> None:
                 "data": {"dir": str(Path(data_dir).resolve()), "fingerprint": batches.fingerprint,
                          "personality_dir": args.personality_dir}}
     start_step = checkpoint.resume_step(run_dir, args.resume, plan.config, batches.tokenizer_path,
-                                        batches.tokenizer_sha256, batches.fingerprint)
+                                        batches.tokenizer_sha256, batches.fingerprint, args.resume_step)
     if jax.process_index() == 0:
         checkpoint.create_run(run_dir, plan.config, batches.tokenizer_path, **sections)
     multihost_barrier("run folder")
@@ -166,11 +171,7 @@ def train(args) -> None:
         step = train_loop(setup, schedule, run, mgr, batches, validation, input_data.bytes_per_token(data_dir),
                           state, start_step)
     if step == plan.steps:
-        log(f"done: {run.dir} (step {step}); plot with python -m nanollama_jax.plot {run.dir}")
-        if jax.process_index() == 0:
-            from .plot import plot_run
-
-            plot_run(run.dir)
+        log(f"done: {run.dir} (step {step}); curves in {run.dir / 'curves.png'}")
 
 
 def plan_flags(args) -> dict:
