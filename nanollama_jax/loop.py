@@ -92,7 +92,8 @@ def train_loop(setup, schedule: Schedule, run: checkpoint.Run, mgr, batches, val
     window: list[float] = []  # recent step times, compilation excluded
     bar = Progress(plan.steps, initial=start_step, desc="train", unit="step", enabled=jax.process_index() == 0)
     step = saved_at = start_step
-    with StopSignals(lambda: (checkpoint.saved_steps(run.dir) or [None])[-1], log) as stop:
+    # every process reports its own signals: on a multi-host run the preempted one may not be process 0
+    with StopSignals(lambda: (checkpoint.saved_steps(run.dir) or [None])[-1]) as stop:
         try:
             while step < last_step:
                 batch = setup.train_batch(batches[step])
