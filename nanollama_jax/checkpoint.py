@@ -183,7 +183,7 @@ class Manager(ocp.CheckpointManager):
             self.unsealed.clear()
             good = [s for s in saved_steps(Path(self.directory).parent) if s != failed]
             kept = f"the previous checkpoint (step {good[-1]}) is intact" if good else "no earlier checkpoint"
-            raise OSError(errno.ENOSPC, f"disk full while saving the checkpoint of step {failed}; {kept}; "
+            raise OSError(errno.ENOSPC, f"no space left on device while saving the checkpoint of step {failed}; {kept}; "
                                         "free some space and continue with --resume", str(self.directory)) from None
         if jax.process_index() == 0:
             for step in self.unsealed:

@@ -60,7 +60,9 @@ class PlotRefresher:
         try:
             plot_run(self.run_dir)
         except Exception as e:  # a plot is a view of the metrics: never a reason to stop training
-            self.warn(f"{self.run_dir / 'curves.png'}: not refreshed ({type(e).__name__}: {e})")
+            if self.warn:
+                self.warn(f"{self.run_dir / 'curves.png'}: not refreshed ({type(e).__name__}: {e})")
+                self.warn = None  # once is enough
 
     def refresh(self) -> None:
         if self.enabled and (self.pending is None or self.pending.running() or self.pending.done()):

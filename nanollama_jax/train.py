@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 from pathlib import Path
 
@@ -93,6 +94,8 @@ def build_parser() -> ArgumentParser:
 def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
+    # orbax logs a failed background save as ERROR tracebacks; the loop reports it as one line
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
     if args.resume_step and not args.resume:
         p.error("--resume-step needs --resume")
     run_cli(p.prog, lambda: train(args))
