@@ -237,3 +237,15 @@ def test_a_killed_prepare_leaves_nothing_that_reads_as_complete_and_the_next_run
     for split in ("train", "val"):  # the same bytes as a preparation never interrupted
         for shard in meta["raw"][split]["shards"]:
             assert (out / shard["file"]).read_bytes() == (again / shard["file"]).read_bytes()
+
+
+# --- 1. the soak test, short: one kill in each phase ---------------------------------------------
+
+def test_soak_four_kills_in_step_save_metrics_and_eval_lose_nothing(tmp_path, text_data):
+    from benchmarks.soak import soak
+
+    result = soak(text_data, tmp_path, kills=4, steps=16, every=4, seed=1, log=lambda _: None)
+    assert result["by_phase"] == {"step": 1, "save": 1, "metrics": 1, "eval": 1}, result["kills"]
+    assert result["loss_mismatches"] == 0 and result["steps_compared"] == 16 + 4
+    assert result["unreadable_checkpoints"] == []
+    assert result["redone_over_bound"] == 0, result["kills"]
