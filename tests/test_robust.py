@@ -1,6 +1,5 @@
 """Training and data preparation lose nothing: torn metrics, damaged checkpoints, a full disk,
 preemption of one of several processes, prompt stops, killed data preparation."""
-import json
 import os
 import shutil
 import signal
@@ -19,6 +18,7 @@ from data.prepare import prepare
 from nanollama_base.shards import DataError, load_meta
 from nanollama_jax import checkpoint, train
 from nanollama_jax.metrics import MetricsLog, read_metrics
+from soak_runs import soak
 
 PICO = ["--size", "pico", "--log-every", "100", "--sample-every", "0", "--eval-batches", "1", "--mesh", "1x1",
         "--steps", "8", "--save-every", "2", "--eval-every", "2"]
@@ -242,8 +242,6 @@ def test_a_killed_prepare_leaves_nothing_that_reads_as_complete_and_the_next_run
 # --- 1. the soak test, short: one kill in each phase ---------------------------------------------
 
 def test_soak_four_kills_in_step_save_metrics_and_eval_lose_nothing(tmp_path, text_data):
-    from benchmarks.soak import soak
-
     result = soak(text_data, tmp_path, kills=4, steps=16, every=4, seed=1, log=lambda _: None)
     assert result["by_phase"] == {"step": 1, "save": 1, "metrics": 1, "eval": 1}, result["kills"]
     assert result["loss_mismatches"] == 0 and result["steps_compared"] == 16 + 4
