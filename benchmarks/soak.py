@@ -43,6 +43,8 @@ def write_results(result: dict) -> None:
         f"kills that redid more than the bound: **{result['redone_over_bound']}** (bound: the steps since the last "
         f"save began, plus the {result['save_every']}-step interval that save was writing: an async save in flight "
         "when the kill lands is lost, the one before it never)\n\n"
+        f"- wall time: {result.get('seconds', '?')} s on 2 shared CPU cores (every resume pays JAX start-up and "
+        "compilation)\n\n"
         "how: `timer` = a random moment chosen by the parent, `watch` = the instant a checkpoint's temporary "
         "folder appears, `inject` = NANOLLAMA_KILL_AT inside the child (the metrics one tears its line).\n\n"
         "| kill | phase | how | outcome | resumed from | reached | newest checkpoint after | steps redone | bound |\n"

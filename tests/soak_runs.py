@@ -57,6 +57,13 @@ def all_checkpoints_restore(run_dir: Path) -> tuple[list[int], list[str]]:
     return steps, bad
 
 
+def redone_bound(reached: int, every: int) -> int:
+    """The most steps a kill after step `reached` may cost: those since the last save began (a
+    kill during the evaluation or metrics of a save step lands before that step's save), plus the
+    interval an async save still in flight was writing."""
+    return reached - ((reached - 1) // every) * every + every if reached else 0
+
+
 def one_kill(cmd: list[str], run_dir: Path, phase: str, how: str, target: int, rng: random.Random) -> str:
     """Run `cmd` until the planned kill; returns what happened ('killed' or 'finished')."""
     env = dict(os.environ)
@@ -117,8 +124,7 @@ def soak(data: Path, workdir: Path, kills: int = 20, steps: int = 80, every: int
         saved, bad = all_checkpoints_restore(run_dir)
         unreadable += bad
         new_resume = saved[-1] if saved else 0
-        # at most the steps since the last save began, plus the save interval that save was writing
-        bound = last - (last // every) * every + every
+        bound = redone_bound(last, every)
         records.append({"kill": i + 1, "phase": phase, "how": how, "target_step": target if how == "inject" else None,
                         "outcome": outcome, "resumed_from": resume, "reached": last, "checkpoint_after": new_resume,
                         "redone_next": last - new_resume, "redone_bound": bound, "checkpoints": saved})
