@@ -19,8 +19,8 @@ from . import faults
 
 
 def read_metrics(path: str | Path, warn=None) -> list[dict]:
-    """The records of a metrics file. A torn last line (no newline, or not JSON) is dropped with a
-    warning; a bad line anywhere else is corruption: ValueError naming the file and line."""
+    """The records of a metrics file. A torn last line (not JSON, no newline after it) is dropped
+    with a warning; a bad line anywhere else is corruption: ValueError naming the file and line."""
     path = Path(path)
     warn = warn or (lambda msg: print(msg, file=sys.stderr, flush=True))
     text = path.read_text(encoding="utf-8", errors="replace")
@@ -32,7 +32,7 @@ def read_metrics(path: str | Path, warn=None) -> list[dict]:
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as e:
-            if i == len(lines) or (i == len(lines) - 1 and not lines[-1]):
+            if i == len(lines):  # no newline after it: a write cut short (each record ends with one)
                 warn(f"{path}:{i}: dropped a torn last line (the run was interrupted while writing it)")
                 continue
             raise ValueError(f"{path}:{i}: not a JSON line ({e.msg})") from None
