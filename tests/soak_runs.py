@@ -115,10 +115,10 @@ def soak(data: Path, workdir: Path, kills: int = 20, steps: int = 80, every: int
         resume = max(checkpoint.saved_steps(run_dir), default=0)
         how = "inject" if i % 2 else {"step": "timer", "save": "watch"}.get(phase, "inject")
         if phase == "eval" or (phase == "save" and how == "inject"):  # those happen every `every` steps
-            target = (resume // every + rng.randint(1, 2)) * every
+            aligned = [s for s in range(resume + 1, steps) if s % every == 0] or [resume + 1]
+            target = aligned[min(rng.randint(0, 1), len(aligned) - 1)]
         else:
-            target = resume + rng.randint(1, 2 * every)
-        target = min(target, steps - 1)
+            target = min(resume + rng.randint(1, 2 * every), steps - 1)
         outcome = one_kill(cmd, run_dir, phase, how, target, rng)
         last = reached(run_dir)
         saved, bad = all_checkpoints_restore(run_dir)
