@@ -8,13 +8,15 @@ prepares the built-in default corpus (the Python documentation every installatio
 
 Safety: everything is built in a hidden staging folder next to the output and moved into
 place only when complete, ``meta.json`` last; an interrupted or failed run leaves earlier
-output untouched. Re-running with the same inputs and options gives the same bytes, and
+output untouched, and a killed run's staging folder is removed by the next run (a folder is in
+use only while its ``.lock`` is locked, which the kernel releases when its process dies). Re-running with the same inputs and options gives the same bytes, and
 is skipped when ``meta.json`` already records them (``--force`` rebuilds).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -28,7 +30,7 @@ from typing import Callable
 import numpy as np
 
 from nanollama_base.cli import ArgumentParser, Progress, run_cli
-from nanollama_base.files import sha256_file, write_json_atomic
+from nanollama_base.files import FolderLock, lock_held, sha256_file, write_json_atomic
 from nanollama_base.shards import (DEFAULT_SHARD_SIZE, FORMAT_NAME, FORMAT_VERSION, DataError, dtype_for_vocab,
                                    dtype_name, load_meta, sha256_bytes)
 
@@ -250,20 +252,33 @@ def _publish(staging: pathlib.Path, output: pathlib.Path) -> None:
 
 
 def _remove_stale_staging(parent: pathlib.Path, name: str) -> None:
-    """Remove staging folders left by runs that were killed (their process is gone)."""
+    """Remove staging (and half-swapped) folders left by runs that were killed. A folder is in use
+    while its `.lock` file beside it is locked; the kernel drops the lock when its process dies,
+    however it dies, so a PID reused after a restart (containers start from the same PIDs) does
+    not keep a dead run's folder alive. Folders from before lock files: their PID decides."""
     if not parent.is_dir():
         return
-    for p in parent.glob(f".{name}.partial-*"):
-        try:
-            pid = int(p.name[len(f".{name}.partial-"):].split("-")[0])
-        except ValueError:
+    for p in [*parent.glob(f".{name}.partial-*"), *parent.glob(f".{name}.stale-*")]:
+        if p.suffix == ".lock" or not p.is_dir():
             continue
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            shutil.rmtree(p, ignore_errors=True)
-        except PermissionError:
-            pass
+        lock = p.with_name(p.name + ".lock")
+        if lock.exists():
+            if lock_held(lock):
+                continue
+        elif _pid_alive(p.name.rsplit("-", 2)[-2]):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        lock.unlink(missing_ok=True)
+
+
+def _pid_alive(text: str) -> bool:
+    try:
+        os.kill(int(text), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def _is_current(output: pathlib.Path, fingerprint: str) -> bool:
@@ -318,16 +333,13 @@ def prepare(output, *, inputs=None, hf=None, preset=None, source=None, text_fiel
         return output
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = output.parent / f".{output.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
-    try:
+    with FolderLock(staging), _removed_on_exit(staging):
         meta = _build(staging, mix, vocab_size=vocab_size, tokenizer_file=tokenizer_file,
                       val_fraction=val_fraction, shard_size=shard_size, workers=workers,
                       max_tokens=max_tokens, force_dtype=force_dtype, progress=progress, log=log,
                       fingerprint=fingerprint, described=described, tokenizer_chars=tokenizer_chars,
                       extra_meta=extra_meta, auto_workers=auto_workers)
         _publish(staging, output)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     log(f"Done: {meta['train']['tokens']:,} training tokens ({meta['train']['documents']:,} documents, "
         f"{len(meta['train']['shards'])} shard{'s' if len(meta['train']['shards']) != 1 else ''}), "
         f"{meta['val']['tokens']:,} validation tokens ({meta['val']['documents']:,} documents), "
@@ -355,7 +367,7 @@ def ensure_builtin(vocab_size: int = BUILTIN_VOCAB_SIZE, *, home=None, workers: 
     _remove_stale_staging(home, final.name)
     log(f"Preparing the built-in corpus (Python's own documentation) into {final} …")
     staging = home / f".builtin-v{vocab_size}.partial-{os.getpid()}-{secrets.token_hex(4)}"
-    try:
+    with FolderLock(staging), _removed_on_exit(staging):
         _build(staging, mix, vocab_size=vocab_size, tokenizer_file=None, val_fraction=BUILTIN_VAL_FRACTION,
                shard_size=DEFAULT_SHARD_SIZE, workers=workers, max_tokens=None, force_dtype=None,
                progress=progress, log=log, fingerprint=fingerprint, described=described,
@@ -369,10 +381,16 @@ def ensure_builtin(vocab_size: int = BUILTIN_VOCAB_SIZE, *, home=None, workers: 
             os.rename(final, stale)
             os.rename(staging, final)
             shutil.rmtree(stale, ignore_errors=True)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return final
+
+
+@contextlib.contextmanager
+def _removed_on_exit(folder: pathlib.Path):
+    try:
+        yield
+    finally:
+        if folder.exists():
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------

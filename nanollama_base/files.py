@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -60,3 +61,37 @@ def sha256_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+class FolderLock:
+    """An exclusive flock on `<folder>.lock`, held while `folder` is being built. The kernel
+    releases it when the process dies, however it dies, so `lock_held` tells a folder in use from
+    one a killed process left behind (a PID cannot: after a restart it may belong to another)."""
+
+    def __init__(self, folder: str | os.PathLike):
+        folder = Path(folder)
+        self.path = folder.with_name(folder.name + ".lock")
+
+    def __enter__(self):
+        self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        self.path.unlink(missing_ok=True)
+        os.close(self.fd)
+
+
+def lock_held(path: str | os.PathLike) -> bool:
+    """Whether a live process holds the FolderLock file `path`."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)

@@ -6,11 +6,16 @@
     runs/<tag>/metrics.jsonl        one JSON line per logged step
 
 orbax writes each step to a temporary folder and renames it when complete, so a checkpoint
-interrupted mid-write is never the one restored. Restoring takes the target shardings, so a
-checkpoint saved on one mesh restores onto another.
+interrupted mid-write is never the one restored; which steps are complete is orbax's answer
+(`ocp.step`), not a listing of folder names. Once a save has finished, the sha256 of every
+file in its folder is recorded in `<step>/checksums.json`; restoring verifies them, so a file
+damaged later is named in one line with the newest good step to fall back to. A disk that fills
+during a save stops the run with one line; the previous checkpoint is untouched. Restoring takes
+the target shardings, so a checkpoint saved on one mesh restores onto another.
 """
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 from dataclasses import dataclass
@@ -19,7 +24,7 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
-from nanollama_base.files import atomic_path, sha256_file
+from nanollama_base.files import atomic_path, sha256_file, write_json_atomic
 
 from .config import LlamaConfig
 from .model import Params, param_shapes
@@ -79,17 +84,59 @@ def open_run(path: str | Path, step: int | None = None) -> Run:
 
 
 def saved_steps(run_dir: str | Path) -> list[int]:
-    """Completed checkpoint steps (orbax's temporary folders are not counted)."""
+    """Completed checkpoint steps, as orbax sees them (its temporary folders are not counted)."""
     ckpt = Path(run_dir) / "checkpoints"
-    if not ckpt.is_dir():
-        return []
-    return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit() and p.is_dir())
+    return sorted(ocp.step.checkpoint_steps(ckpt)) if ckpt.is_dir() else []
+
+
+CHECKSUMS = "checksums.json"
+
+
+def step_dir(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / str(step)
+
+
+def seal(folder: Path) -> None:
+    """Record the sha256 of every file of a finished checkpoint folder."""
+    sums = {str(f.relative_to(folder)): sha256_file(f) for f in sorted(folder.rglob("*"))
+            if f.is_file() and f.name != CHECKSUMS}
+    write_json_atomic(folder / CHECKSUMS, sums)
+
+
+def verify(folder: Path) -> None:
+    """Raise ValueError naming the first file of a checkpoint folder that is missing or differs
+    from its recorded checksum. A folder without checksums (the process died between the end of
+    the save and sealing it) is left to orbax's own reading."""
+    sums_file = folder / CHECKSUMS
+    if not sums_file.is_file():
+        return
+    try:
+        sums = json.loads(sums_file.read_text())
+    except json.JSONDecodeError:
+        raise ValueError(f"{sums_file}: corrupted checksum list") from None
+    for name, digest in sums.items():
+        path = folder / name
+        if not path.is_file():
+            raise ValueError(f"{path}: missing from the checkpoint")
+        if sha256_file(path) != digest:
+            raise ValueError(f"{path}: corrupted (its sha256 differs from the one recorded at save)")
+
+
+def good_step_before(run_dir: str | Path, step: int) -> int | None:
+    """The newest checkpoint before `step` that verifies, or None."""
+    for earlier in reversed([s for s in saved_steps(run_dir) if s < step]):
+        try:
+            verify(step_dir(run_dir, earlier))
+            return earlier
+        except ValueError:
+            continue
+    return None
 
 
 def resume_step(run_dir: str | Path, resume: bool, config: LlamaConfig, tokenizer: Path, tokenizer_sha256: str,
-                data_fingerprint: str) -> int:
-    """The step a training run starts from: 0 for a new run, its last checkpoint with `resume`.
-    Refuses to overwrite a run, or to resume it with another model, tokenizer or data."""
+                data_fingerprint: str, step: int | None = None) -> int:
+    """The step a training run starts from: 0 for a new run, its last checkpoint (or `step`) with
+    `resume`. Refuses to overwrite a run, or to resume it with another model, tokenizer or data."""
     steps = saved_steps(run_dir)
     if not steps:
         return 0
@@ -106,12 +153,56 @@ def resume_step(run_dir: str | Path, resume: bool, config: LlamaConfig, tokenize
     if run.info.get("data", {}).get("fingerprint") != data_fingerprint:
         raise ValueError(f"{run_dir}: cannot resume with different data (corpus, seed, sequence length, "
                          "global batch or personality mix differ from the run's)")
-    return steps[-1]
+    if step is not None and step not in steps:
+        raise ValueError(f"{run_dir}: no checkpoint at step {step} (saved: {', '.join(map(str, steps))})")
+    return steps[-1] if step is None else step
+
+
+class Manager(ocp.CheckpointManager):
+    """orbax's CheckpointManager that seals each step it saved once the save has finished, and
+    turns a full disk during a save into one line."""
+
+    def __init__(self, directory: Path, options: ocp.CheckpointManagerOptions):
+        super().__init__(directory, options=options)
+        self.unsealed: list[int] = []
+
+    def save(self, step: int, *args, **kwargs) -> bool:
+        self.wait_until_finished()  # orbax waits for the previous save anyway; seal it first
+        saved = super().save(step, *args, **kwargs)
+        if saved:
+            self.unsealed.append(step)
+        return saved
+
+    def wait_until_finished(self) -> None:
+        try:
+            super().wait_until_finished()
+        except Exception as e:  # the async save's error surfaces here, wrapped by tensorstore
+            if not disk_full(e):
+                raise
+            failed = self.unsealed.pop() if self.unsealed else "?"
+            self.unsealed.clear()
+            good = [s for s in saved_steps(Path(self.directory).parent) if s != failed]
+            kept = f"the previous checkpoint (step {good[-1]}) is intact" if good else "no earlier checkpoint"
+            raise OSError(errno.ENOSPC, f"no space left on device while saving the checkpoint of step {failed}; {kept}; "
+                                        "free some space and continue with --resume", str(self.directory)) from None
+        if jax.process_index() == 0:
+            for step in self.unsealed:
+                seal(Path(self.directory) / str(step))
+        self.unsealed.clear()
+
+
+def disk_full(e: BaseException) -> bool:
+    while e is not None:
+        if getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def manager(run: Run, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
-    return ocp.CheckpointManager(run.checkpoint_dir.resolve(), options=options)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+                                           cleanup_tmp_directories=True)
+    return Manager(run.checkpoint_dir.resolve(), options)
 
 
 def save(mgr: ocp.CheckpointManager, step: int, params: Params, meta: dict, opt_state=None) -> None:
@@ -123,11 +214,24 @@ def save(mgr: ocp.CheckpointManager, step: int, params: Params, meta: dict, opt_
 
 def restore(mgr: ocp.CheckpointManager, step: int, params_target, opt_target=None):
     """Restore (params, opt_state or None, meta) onto the shardings the abstract targets carry
-    (`sharding.abstract`), whatever mesh the checkpoint was saved from."""
+    (`sharding.abstract`), whatever mesh the checkpoint was saved from. A damaged checkpoint is
+    one ValueError naming the file and the newest good step before it."""
+    folder = Path(mgr.directory) / str(step)
     items = {"params": ocp.args.StandardRestore(params_target), "meta": ocp.args.JsonRestore()}
     if opt_target is not None:
         items["opt_state"] = ocp.args.StandardRestore(opt_target)
-    out = mgr.restore(step, args=ocp.args.Composite(**items))
+    try:
+        verify(folder)
+        out = mgr.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:
+        if isinstance(e, ValueError) and str(e).startswith(str(folder)):
+            problem = str(e)
+        else:  # orbax / tensorstore could not read it: their message, on one line
+            problem = f"{folder}: unreadable checkpoint ({type(e).__name__}: {' '.join(str(e).split())[:300]})"
+        good = good_step_before(folder.parent.parent, step)
+        hint = (f"the previous good checkpoint is step {good}: resume from it with --resume-step {good}"
+                if good is not None else "no earlier good checkpoint")
+        raise ValueError(f"{problem}; {hint}") from None
     return out["params"], out.get("opt_state") if opt_target is not None else None, out["meta"]
 
 

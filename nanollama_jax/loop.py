@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
-import signal
 import sys
 import time
 from pathlib import Path
@@ -19,7 +17,10 @@ import jax.numpy as jnp
 
 from nanollama_base.cli import Progress
 
-from . import checkpoint
+from . import checkpoint, faults
+from .metrics import MetricsLog
+from .plot import PlotRefresher
+from .preemption import StopSignals
 from .prefetch import DeviceClock, Prefetch
 
 # Dense bf16 peak FLOP/s per device, by device kind (substring match), for MFU.
@@ -74,22 +75,6 @@ def cpu_gemm_flops(n: int = 1024) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
-class Metrics:
-    """metrics.jsonl, written by process 0; on resume, lines past the restored step are dropped."""
-
-    def __init__(self, path: Path, resume_step: int):
-        self.path = path
-        self.enabled = jax.process_index() == 0
-        if self.enabled and path.exists():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept))
-
-    def write(self, **record) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-
 def train_loop(setup, schedule: Schedule, run: checkpoint.Run, mgr, batches, evaluation, state,
                start_step: int) -> int:
     """Train from `start_step` to the plan's end (or `schedule.stop_after` steps, or a signal),
@@ -97,18 +82,13 @@ def train_loop(setup, schedule: Schedule, run: checkpoint.Run, mgr, batches, eva
     Returns the step reached; a checkpoint is saved there."""
     plan, config = setup.plan, setup.config
     params, opt_state = state
-    metrics = Metrics(run.dir / "metrics.jsonl", start_step)
+    metrics = MetricsLog(run.dir / "metrics.jsonl", start_step, enabled=jax.process_index() == 0)
+    plots = PlotRefresher(run.dir, enabled=jax.process_index() == 0, warn=log)
     peak = peak_flops(setup.mesh.devices.flat[0])
     n_dev = setup.mesh.devices.size
     flops_per_token = config.flops_per_token(plan.seq_len)
     last_step = min(plan.steps, start_step + schedule.stop_after) if schedule.stop_after else plan.steps
 
-    stop = {"signal": None}
-
-    def on_signal(signum, _):
-        stop["signal"] = signal.Signals(signum).name
-
-    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     window: list[float] = []  # recent device step times, compilation and pauses excluded
     bar = Progress(plan.steps, initial=start_step, desc="train", unit="step", enabled=jax.process_index() == 0)
     step = saved_at = start_step
@@ -127,6 +107,7 @@ def train_loop(setup, schedule: Schedule, run: checkpoint.Run, mgr, batches, eva
         if dt is not None:
             window = (window + [dt])[-20:]
         step_time = sum(window) / len(window) if window else float("nan")
+        stop.step_finished(step_time if window else None)
         tok_s = plan.tokens_per_step / step_time
         mfu = tok_s * flops_per_token / (peak * n_dev) if peak else float("nan")
         lr = setup.learning_rate(step - 1)
@@ -139,48 +120,58 @@ def train_loop(setup, schedule: Schedule, run: checkpoint.Run, mgr, batches, eva
                       f"{tok_s:,.0f} tok/s | MFU {mfu * 100:.1f}% | ETA {format_eta((plan.steps - step) * step_time)}")
 
     pending = None  # (step, its device scalars): dispatched, not read yet
-    try:
-        while step < last_step:
-            # Dispatch step + 1 before reading step's scalars: the device never waits for the host.
-            params, opt_state, out = setup.train_step(params, opt_state, ahead.next())
-            step += 1
-            if pending is not None:
+    # every process reports its own signals: on a multi-host run the preempted one may not be process 0
+    with StopSignals(lambda: (checkpoint.saved_steps(run.dir) or [None])[-1]) as stop:
+        try:
+            while step < last_step:
+                # Dispatch step + 1 before reading step's scalars: the device never waits for the host.
+                stop.step_started()
+                params, opt_state, out = setup.train_step(params, opt_state, ahead.next())
+                faults.kill_point("step", step + 1)
+                step += 1
+                if pending is not None:
+                    report_step(*pending)
+                pending = (step, out)
+                reason = stop.should_stop()  # every process, every step: they all stop at the same one
+                sample_now = schedule.sample_every and (step % schedule.sample_every == 0 or step == plan.steps)
+                eval_now = step % schedule.eval_every == 0 or step == plan.steps
+                save_now = step % schedule.save_every == 0 or step == last_step or reason
+                if not (eval_now or sample_now or save_now):
+                    continue
+                # What follows needs this step's state, which the next step would consume (donated).
                 report_step(*pending)
-            pending = (step, out)
-            sample_now = schedule.sample_every and (step % schedule.sample_every == 0 or step == plan.steps)
-            eval_now = step % schedule.eval_every == 0 or step == plan.steps
-            save_now = step % schedule.save_every == 0 or step == last_step or stop["signal"]
-            if not (eval_now or sample_now or save_now):
-                continue
-            # What follows needs this step's state, which the next step would consume (donated).
-            report_step(*pending)
-            pending = None
-            if eval_now:
-                record, lines = evaluation.evaluate(params, step, checkpoint_meta(plan, batches, step))
-                metrics.write(step=step, **record)
-                if jax.process_index() == 0:
-                    for line in lines:
-                        bar.write(line)
-            if sample_now:
-                for text in samples(params, config, run.tokenizer_path, plan.seed):
-                    metrics.write(step=step, sample=text)
+                pending = None
+                if eval_now:
+                    record, lines = evaluation.evaluate(params, step, checkpoint_meta(plan, batches, step))
+                    faults.kill_point("eval", step)
+                    metrics.write(step=step, **record)
                     if jax.process_index() == 0:
-                        bar.write(f"sample: {text!r}")
-            if save_now:
-                checkpoint.save(mgr, step, params, checkpoint_meta(plan, batches, step), opt_state)
-                saved_at = step
-            if stop["signal"]:
-                log(f"\n{stop['signal']}: saved a checkpoint at step {step}; continue with --resume")
-                break
-            clock.restart()  # the device idled while the host validated, sampled or saved
-    finally:
-        ahead.close()
-        bar.close()
-        mgr.wait_until_finished()
-        mgr.close()
-        evaluation.close()
-        for s, h in handlers.items():
-            signal.signal(s, h)
+                        for line in lines:
+                            bar.write(line)
+                    plots.refresh()
+                if sample_now:
+                    for text in samples(params, config, run.tokenizer_path, plan.seed):
+                        metrics.write(step=step, sample=text)
+                        if jax.process_index() == 0:
+                            bar.write(f"sample: {text!r}")
+                if save_now:
+                    checkpoint.save(mgr, step, params, checkpoint_meta(plan, batches, step), opt_state)
+                    faults.kill_point("save", step)
+                    saved_at = step
+                if reason:
+                    mgr.wait_until_finished()
+                    log(f"\n{reason}: saved a checkpoint at step {step}; continue with --resume")
+                    break
+                clock.restart()  # the device idled while the host validated, sampled or saved
+        finally:
+            ahead.close()
+            bar.close()
+            try:
+                mgr.wait_until_finished()
+                mgr.close()
+            finally:
+                plots.close()
+                evaluation.close()
     return step
 
 

@@ -5,31 +5,22 @@ scored tasks, learning rate) as a PNG.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from nanollama_base.files import atomic_path
+
+from . import metrics
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no metrics yet (has the run logged a step?)")
-    rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not a JSON line ({e.msg})") from None
-    return rows
+    return metrics.read_metrics(path)
 
 
 def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: safe from the training loop's background thread
 
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
@@ -37,7 +28,8 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
     val = [r for r in rows if "val_loss" in r]
     scored = [r for r in rows if "tasks" in r]
     panels = 4 if scored else 3
-    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4))
+    fig = Figure(figsize=(5 * panels, 4))
+    axes = fig.subplots(1, panels)
     ax_loss, ax_bpb, ax_lr = axes[0], axes[1], axes[-1]
     ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train", lw=1)
     if val:
@@ -57,7 +49,6 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
     output = Path(output) if output else run_dir / "curves.png"
     with atomic_path(output) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
     return output
 
 
@@ -74,6 +65,37 @@ def plot_tasks(ax, scored: list[dict]) -> None:
     ax.plot(steps, [r["centred_mean"] for r in scored], "o-", color="black", label="mean centred accuracy")
     ax.set(title=f"task accuracy ({len(labels)} tasks)", xlabel="step")
     ax.legend(fontsize="small")
+
+
+class PlotRefresher:
+    """Redraws a run's curves in a background thread (training does not wait for matplotlib):
+    `refresh()` at each evaluation, `close()` on exit draws the final state. A refresh asked for
+    while one is still waiting to start is the same refresh."""
+
+    def __init__(self, run_dir: str | Path, enabled: bool = True, warn=print):
+        import concurrent.futures
+
+        self.run_dir, self.enabled, self.warn = Path(run_dir), enabled, warn
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="plot") if enabled else None
+        self.pending = None
+
+    def _draw(self) -> None:
+        try:
+            plot_run(self.run_dir)
+        except Exception as e:  # a plot is a view of the metrics: never a reason to stop training
+            if self.warn:
+                self.warn(f"{self.run_dir / 'curves.png'}: not refreshed ({type(e).__name__}: {e})")
+                self.warn = None  # once is enough
+
+    def refresh(self) -> None:
+        if self.enabled and (self.pending is None or self.pending.running() or self.pending.done()):
+            self.pending = self.pool.submit(self._draw)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.pool.shutdown(wait=True)
+            if (self.run_dir / "metrics.jsonl").is_file():
+                self._draw()
 
 
 def main(argv=None):

@@ -11,12 +11,14 @@ runs/<tag>/best/ holds the weights of the step with the lowest validation loss (
 `--checkpoint runs/<tag>/best` wherever a run is taken). Each evaluation logs validation loss, bits
 per byte and, with --eval-tasks, task accuracy; the run warns when validation loss rises past its best.
 Batch k is a pure function of (seed, k), so `--resume` continues exactly where the last
-checkpoint left off. Ctrl-C (or SIGTERM) saves a checkpoint before exiting.
+checkpoint left off (`--resume-step N`: from an earlier one). Ctrl-C (or SIGTERM) saves a
+checkpoint at the end of the current step and says when; a second one exits at once.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 from pathlib import Path
 
@@ -77,6 +79,8 @@ def build_parser() -> ArgumentParser:
                    "bfloat16, the accelerator default that fits every size in 80 GB; none with float32)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="init and data order (default 0)")
     p.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
+    p.add_argument("--resume-step", type=positive_int,
+                   help="with --resume: continue from this checkpoint instead (e.g. when the last one is damaged)")
     p.add_argument("--init-from", help="start from another run's weights (an import, a GGUF read back, an "
                                        "injected personality): continued pretraining with a fresh optimizer")
     p.add_argument("--stop-after", type=positive_int,
@@ -110,6 +114,10 @@ def build_parser() -> ArgumentParser:
 def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
+    # orbax logs a failed background save as ERROR tracebacks; the loop reports it as one line
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
+    if args.resume_step and not args.resume:
+        p.error("--resume-step needs --resume")
     run_cli(p.prog, lambda: train(args))
 
 
@@ -177,7 +185,7 @@ def train(args) -> None:
             raise ValueError(f"{run_dir}: cannot resume, this would change the run: {'; '.join(changes)} "
                              "(start a new run with --model-tag, or resume with the run's settings)")
     start_step = checkpoint.resume_step(run_dir, args.resume, plan.config, batches.tokenizer_path,
-                                        batches.tokenizer_sha256, batches.fingerprint)
+                                        batches.tokenizer_sha256, batches.fingerprint, args.resume_step)
     if jax.process_index() == 0:
         checkpoint.create_run(run_dir, plan.config, batches.tokenizer_path, **sections)
     multihost_barrier("run folder")
@@ -204,11 +212,7 @@ def train(args) -> None:
                 log(f"initialised from {init_run.dir} (step {init_run.step})")
         step = train_loop(setup, schedule, run, mgr, batches, evaluation, state, start_step)
     if step == plan.steps:
-        log(f"done: {run.dir} (step {step}); plot with python -m nanollama_jax.plot {run.dir}")
-        if jax.process_index() == 0:
-            from .plot import plot_run
-
-            plot_run(run.dir)
+        log(f"done: {run.dir} (step {step}); curves in {run.dir / 'curves.png'}")
 
 
 def device_memory_limit(mesh) -> int | None:
