@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from data.chat import ChatTokens, render
 
-from .generate import jitted_decode, sample_token
+from .generate import TextStream, jitted_decode, sample_token
 from .model import init_cache
 
 
@@ -121,17 +121,9 @@ def main(argv=None):
                 break
             if not line.strip():
                 continue
-            produced: list[int] = []
-
-            def stream(token):
-                before = sp.decode(produced)
-                produced.append(token)
-                sys.stdout.write(sp.decode(produced)[len(before):])
-                sys.stdout.flush()
-
             if tty:
                 print("assistant> ", end="", file=sys.stderr, flush=True)
-            session.reply(line.rstrip("\n"), args.max_tokens, on_token=stream,
+            session.reply(line.rstrip("\n"), args.max_tokens, on_token=TextStream(sp),
                           on_restart=lambda: print("[context full: the conversation restarts here]", file=sys.stderr))
             sys.stdout.write("\n")
             sys.stdout.flush()

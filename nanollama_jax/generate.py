@@ -90,6 +90,20 @@ def prompt_logits(params: Params, config: LlamaConfig, ids: np.ndarray) -> np.nd
     return np.asarray(logits[0, :, : config.vocab_size], dtype=np.float32)
 
 
+class TextStream:
+    """An on_token callback that prints generated text as it comes: it decodes the growing tail, so a
+    character made of several byte tokens appears whole."""
+
+    def __init__(self, sp, out=None):
+        self.sp, self.out, self.produced = sp, out or sys.stdout, []
+
+    def __call__(self, token: int) -> None:
+        before = self.sp.decode(self.produced)
+        self.produced.append(token)
+        self.out.write(self.sp.decode(self.produced)[len(before):])
+        self.out.flush()
+
+
 def main(argv=None):
     import sentencepiece as spm
 
@@ -132,21 +146,13 @@ def main(argv=None):
         sp = spm.SentencePieceProcessor(model_file=str(run_info.tokenizer_path))
         prompt = [sp.bos_id()] + sp.encode(args.prompt)
         sys.stdout.write(args.prompt)
-        produced: list[int] = []
-
-        def stream(token):
-            # decode the growing tail so multi-byte characters appear whole
-            before = sp.decode(produced)
-            produced.append(token)
-            sys.stdout.write(sp.decode(produced)[len(before):])
-            sys.stdout.flush()
-
+        stream = TextStream(sp)
         start = time.perf_counter()
         generate(params, config, prompt, args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                  top_p=args.top_p, seed=args.seed, stop_id=sp.eos_id(), on_token=stream)
         elapsed = time.perf_counter() - start
-        print(f"\n[{len(produced)} tokens in {elapsed:.1f}s, {len(produced) / max(elapsed, 1e-9):.1f} tok/s]",
-              file=sys.stderr)
+        n = len(stream.produced)
+        print(f"\n[{n} tokens in {elapsed:.1f}s, {n / max(elapsed, 1e-9):.1f} tok/s]", file=sys.stderr)
 
     run_cli(p.prog, run)
 

@@ -3,11 +3,29 @@ small random llama GGUFs written with gguf-py (the same files llama.cpp reads)."
 from __future__ import annotations
 
 import random
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
 
 import gguf
+
+GO_DIR = Path(__file__).resolve().parents[1] / "go"
+
+
+def go_bin() -> str:
+    go = shutil.which("go")
+    assert go, "the Go toolchain is required: run `bash scripts/setup.sh test`"
+    return go
+
+
+def build_engine(out_dir: Path) -> Path:
+    """`go build` of the engine into out_dir/nanollama."""
+    out = Path(out_dir) / "nanollama"
+    subprocess.run([go_bin(), "build", "-o", str(out), "."], cwd=GO_DIR, check=True)
+    return out
+
 
 # The vocab is trained on text with spaces, digits, punctuation and some
 # non-ASCII so that merges, byte fallback and the space prefix all matter.

@@ -10,7 +10,6 @@ formatter running the template text — all in child processes (tests/native.py)
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,7 +19,6 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 import go_fixtures as F  # noqa: E402
 import native  # noqa: E402
-from test_go_engine import GO_DIR, go_bin  # noqa: E402
 
 CHAT_TOKENS = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 # The contract's template (Meta's Llama 3 template), as every GGUF we export carries it.
@@ -43,9 +41,7 @@ CONVERSATIONS = [
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("gobin") / "nanollama"
-    subprocess.run([go_bin(), "build", "-o", str(out), "."], cwd=GO_DIR, check=True)
-    return out
+    return F.build_engine(tmp_path_factory.mktemp("gobin"))
 
 
 @pytest.fixture(scope="module")

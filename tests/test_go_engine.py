@@ -6,8 +6,6 @@ llama.cpp (from llama-cpp-python) and the Go binary run in child processes (test
 native crash is one failed test naming the file, its tensor types and the signal."""
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,25 +20,15 @@ import go_fixtures as F  # noqa: E402
 import native  # noqa: E402
 import quant_error  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-GO_DIR = ROOT / "go"
 Q = gguf.GGMLQuantizationType
 
 PROMPT = ("The quick brown fox jumps over the lazy dog 12345 times! Café, naïve über 日本語; "
           "привет 🦊 (x) a-b 3.14 -- the model's weights: 0.5, 1e-3 & 42%. ")
 
 
-def go_bin() -> str:
-    go = shutil.which("go") or "/usr/lib/go/bin/go"
-    assert os.path.exists(go), "the Go toolchain is required (go not found on PATH)"
-    return go
-
-
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("gobin") / "nanollama"
-    subprocess.run([go_bin(), "build", "-o", str(out), "."], cwd=GO_DIR, check=True)
-    return out
+    return F.build_engine(tmp_path_factory.mktemp("gobin"))
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +82,7 @@ def cpp_logits(model, ids, kv="f16", **kw) -> np.ndarray:
 
 def test_go_vet_and_unit_tests():
     for cmd in (["vet", "./..."], ["test", "./..."]):
-        r = subprocess.run([go_bin(), *cmd], cwd=GO_DIR, capture_output=True, text=True, timeout=600)
+        r = subprocess.run([F.go_bin(), *cmd], cwd=F.GO_DIR, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, f"go {' '.join(cmd)}:\n{r.stdout}\n{r.stderr}"
 
 

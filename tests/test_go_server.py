@@ -28,21 +28,12 @@ except ImportError as e:  # no silent skipping: name the setup command
 sys.path.insert(0, str(Path(__file__).parent))
 import go_fixtures as F  # noqa: E402
 
-GO_DIR = Path(__file__).resolve().parents[1] / "go"
 KEY = "test-key-123"
-
-
-def go_bin() -> str:
-    go = shutil.which("go")
-    assert go, "the Go toolchain is required: run `bash scripts/setup.sh test`"
-    return go
 
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("gobin") / "nanollama"
-    subprocess.run([go_bin(), "build", "-o", str(out), "."], cwd=GO_DIR, check=True)
-    return out
+    return F.build_engine(tmp_path_factory.mktemp("gobin"))
 
 
 @pytest.fixture(scope="module")
