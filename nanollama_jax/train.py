@@ -125,7 +125,6 @@ def train(args) -> None:
     # 1. the XLA runtime (before the backend starts), processes, model and mesh
     runtime = xla_flags.set_up_runtime(deterministic=args.deterministic)
     init_distributed(args)  # before anything asks jax for devices (log does)
-    log(runtime)
     config, recipe = load_size(args.size)
     init_run = checkpoint.open_run(args.init_from) if args.init_from else None
     if init_run:  # continued training: the model is the one in that run, whatever its origin
@@ -135,6 +134,7 @@ def train(args) -> None:
     mesh = sharding.make_mesh(args.mesh)
     if args.dry_run:
         setup = TrainingSetup.build(config, recipe, mesh, **plan_flags(args))
+        print(runtime)
         print(setup.describe())
         print("\n".join(explain_recipe(setup.plan, recipe, plan_flags(args), f"configs/{args.size}.json")))
         if not args.no_compile:
@@ -192,7 +192,8 @@ def train(args) -> None:
     run = checkpoint.open_run(run_dir)
     mgr = checkpoint.manager(run, keep=args.keep)
 
-    # 4. state and the loop
+    # 4. state and the loop (said once the inputs are known good: a bad one is the only line)
+    log(runtime)
     log(setup.describe())
     log(f"data: {data_dir} ({meta['train']['tokens']:,} training tokens, {meta['val']['tokens']:,} held out)")
     for line in epochs_lines(batches, plan.steps, run.dir / BEST):
