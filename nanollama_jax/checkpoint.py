@@ -168,7 +168,13 @@ class Manager(ocp.CheckpointManager):
 
     def save(self, step: int, *args, **kwargs) -> bool:
         self.wait_until_finished()  # orbax waits for the previous save anyway; seal it first
-        saved = super().save(step, *args, **kwargs)
+        try:
+            saved = super().save(step, *args, **kwargs)
+        except Exception as e:  # the disk may fill during the save's synchronous part too
+            if not disk_full(e):
+                raise
+            self.unsealed.clear()
+            raise self.disk_full_error(step) from None
         if saved:
             self.unsealed.append(step)
         return saved
@@ -181,14 +187,17 @@ class Manager(ocp.CheckpointManager):
                 raise
             failed = self.unsealed.pop() if self.unsealed else "?"
             self.unsealed.clear()
-            good = [s for s in saved_steps(Path(self.directory).parent) if s != failed]
-            kept = f"the previous checkpoint (step {good[-1]}) is intact" if good else "no earlier checkpoint"
-            raise OSError(errno.ENOSPC, f"no space left on device while saving the checkpoint of step {failed}; {kept}; "
-                                        "free some space and continue with --resume", str(self.directory)) from None
+            raise self.disk_full_error(failed) from None
         if jax.process_index() == 0:
             for step in self.unsealed:
                 seal(Path(self.directory) / str(step))
         self.unsealed.clear()
+
+    def disk_full_error(self, failed) -> OSError:
+        good = [s for s in saved_steps(Path(self.directory).parent) if s != failed]
+        kept = f"the previous checkpoint (step {good[-1]}) is intact" if good else "no earlier checkpoint"
+        return OSError(errno.ENOSPC, f"no space left on device while saving the checkpoint of step {failed}; {kept}; "
+                                     "free some space and continue with --resume", str(self.directory))
 
 
 def disk_full(e: BaseException) -> bool:

@@ -21,7 +21,6 @@ At each evaluation step the training loop calls :meth:`TrainingEval.evaluate`, w
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import jax
 import numpy as np
 
 from . import checkpoint
+from .metrics import read_metrics
 from .scoring import TOKENS_PER_DEVICE, bits_per_byte, prepare_tasks, score_tasks, token_byte_table
 
 BEST = "best"  # runs/<tag>/best/
@@ -69,8 +69,7 @@ class BestWatch:
         """The watch as it stood at `until_step`, from the validation records a resumed run logged."""
         watch = cls()
         if metrics_path.is_file():
-            for line in metrics_path.read_text().splitlines():
-                record = json.loads(line) if line.strip() else {}
+            for record in read_metrics(metrics_path, warn=lambda _: None):  # a torn last line: MetricsLog says so
                 if "val_loss" in record and record["step"] <= until_step:
                     watch.update(record["step"], record["val_loss"])
         return watch
