@@ -169,9 +169,9 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_saved_step(tmp_p
 # --- 6. stopping is prompt ------------------------------------------------------------------------
 
 def test_a_signal_is_answered_at_once_and_a_second_one_exits_leaving_the_last_good_checkpoint(tmp_path, text_data):
-    # 64 accumulation micro-steps make one optimizer step last seconds on a CPU
+    # 256 accumulation micro-steps make one optimizer step last several seconds even on a quiet CPU
     proc = subprocess.Popen(train_cmd(text_data, tmp_path, "slow", "--steps", "50", "--save-every", "1",
-                                      "--tokens-per-step", str(64 * 8 * 128), "--batch-size", "8",
+                                      "--tokens-per-step", str(256 * 8 * 128), "--batch-size", "8",
                                       "--seq-len", "128", "--eval-every", "1000"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -183,7 +183,7 @@ def test_a_signal_is_answered_at_once_and_a_second_one_exits_leaving_the_last_go
         while time.time() < deadline and proc.poll() is None and len(checkpoint.saved_steps(tmp_path / "slow")) < 2:
             time.sleep(0.1)
         rows = read_metrics(tmp_path / "slow" / "metrics.jsonl")
-        step_time = 64 * 8 * 128 / [r for r in rows if "tokens_per_sec" in r][-1]["tokens_per_sec"]
+        step_time = 256 * 8 * 128 / [r for r in rows if "tokens_per_sec" in r][-1]["tokens_per_sec"]
         assert step_time > 3, f"a step took {step_time:.1f}s: too short to tell a prompt answer from a late one"
         time.sleep(0.5)  # inside step 3
         sent = time.monotonic()
