@@ -229,8 +229,19 @@ def browser():
     b.quit()
 
 
-def test_chat_page_in_chromium(engine, slow_model, browser):
-    s = Server(engine, slow_model, "--parallel", "1", "--ignore-eos", "--ctx", "2048")
+@pytest.fixture(scope="module")
+def slower_model(tmp_path_factory) -> Path:
+    """About 25M parameters: on one thread a 2000-token reply takes tens of seconds on any machine, so it
+    is still streaming when Stop is pressed (the small model finished 2000 tokens in 3 s)."""
+    work = tmp_path_factory.mktemp("goserver_slower")
+    vocab = F.sp_vocab(F.train_sp(work / "sp"))
+    params = F.random_params(vocab=len(vocab[0]), dim=512, n_layer=8, n_head=8, n_kv=4, head_dim=64,
+                             ffn=1536, seed=5)
+    return F.write_model(work / "tiny.gguf", params, vocab, ctx=2048)
+
+
+def test_chat_page_in_chromium(engine, slower_model, browser):
+    s = Server(engine, slower_model, "--parallel", "1", "--ignore-eos", "--ctx", "2048", "--threads", "1")
     try:
         browser.get(f"http://127.0.0.1:{s.port}/")
         wait = WebDriverWait(browser, 30, poll_frequency=0.05)
