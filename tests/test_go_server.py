@@ -37,12 +37,21 @@ def engine(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    work = tmp_path_factory.mktemp("goserver")
-    vocab = F.sp_vocab(F.train_sp(work / "sp"))
-    params = F.random_params(vocab=len(vocab[0]), dim=64, n_layer=1, n_head=4, n_kv=2, head_dim=16,
-                             ffn=128, seed=3)
-    return F.write_model(work / "tiny.gguf", params, vocab)
+def vocab(tmp_path_factory):
+    return F.sp_vocab(F.train_sp(tmp_path_factory.mktemp("goserver_sp")))
+
+
+def server_model(tmp_path_factory, vocab, seed: int, *, ctx: int = 512, **shape) -> Path:
+    """A random llama GGUF named tiny.gguf (the server calls its model by the file's stem)."""
+    n_head, n_kv = shape.pop("n_head"), shape.pop("n_kv")
+    params = F.random_params(vocab=len(vocab[0]), n_head=n_head, n_kv=n_kv, seed=seed, **shape)
+    return F.write_model(tmp_path_factory.mktemp("goserver") / "tiny.gguf", params, vocab, n_head=n_head, n_kv=n_kv,
+                         ctx=ctx)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory, vocab) -> Path:
+    return server_model(tmp_path_factory, vocab, 3, dim=64, n_layer=1, n_head=4, n_kv=2, head_dim=16, ffn=128)
 
 
 def free_port() -> int:
@@ -170,13 +179,10 @@ def test_metrics_tokenize_detokenize(server):
 
 
 @pytest.fixture(scope="module")
-def slow_model(tmp_path_factory) -> Path:
-    """Big enough that a 2000-token reply takes seconds: time to press Stop."""
-    work = tmp_path_factory.mktemp("goserver_slow")
-    vocab = F.sp_vocab(F.train_sp(work / "sp"))
-    params = F.random_params(vocab=len(vocab[0]), dim=256, n_layer=4, n_head=4, n_kv=2, head_dim=64,
-                             ffn=1024, seed=4)
-    return F.write_model(work / "tiny.gguf", params, vocab, ctx=2048)
+def slow_model(tmp_path_factory, vocab) -> Path:
+    """Big enough that a 2000-token reply takes seconds: time to fill the queue."""
+    return server_model(tmp_path_factory, vocab, 4, ctx=2048, dim=256, n_layer=4, n_head=4, n_kv=2, head_dim=64,
+                        ffn=1024)
 
 
 def test_queue_full_503_and_disconnect_frees_the_session(engine, slow_model):
@@ -230,14 +236,11 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def slower_model(tmp_path_factory) -> Path:
+def slower_model(tmp_path_factory, vocab) -> Path:
     """About 25M parameters: on one thread a 2000-token reply takes tens of seconds on any machine, so it
     is still streaming when Stop is pressed (the small model finished 2000 tokens in 3 s)."""
-    work = tmp_path_factory.mktemp("goserver_slower")
-    vocab = F.sp_vocab(F.train_sp(work / "sp"))
-    params = F.random_params(vocab=len(vocab[0]), dim=512, n_layer=8, n_head=8, n_kv=4, head_dim=64,
-                             ffn=1536, seed=5)
-    return F.write_model(work / "tiny.gguf", params, vocab, ctx=2048)
+    return server_model(tmp_path_factory, vocab, 5, ctx=2048, dim=512, n_layer=8, n_head=8, n_kv=4, head_dim=64,
+                        ffn=1536)
 
 
 def test_chat_page_in_chromium(engine, slower_model, browser):
