@@ -2,14 +2,19 @@
 small random llama GGUFs written with gguf-py (the same files llama.cpp reads)."""
 from __future__ import annotations
 
+import http.client
+import json
 import random
 import shutil
+import socket
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
 
 import gguf
+import native
 
 GO_DIR = Path(__file__).resolve().parents[1] / "go"
 
@@ -25,6 +30,62 @@ def build_engine(out_dir: Path) -> Path:
     out = Path(out_dir) / "nanollama"
     subprocess.run([go_bin(), "build", "-o", str(out), "."], cwd=GO_DIR, check=True)
     return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """The engine's HTTP server on a free 127.0.0.1 port, returned once /health answers 200."""
+
+    def __init__(self, engine: Path, model: Path, *args: str):
+        self.model = model
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [str(engine), "--model", str(model), "--serve", "--host", "127.0.0.1", "--port", str(self.port), *args],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        for _ in range(100):  # up to ~10 s
+            if self.proc.poll() is not None:
+                raise AssertionError(native.exit_failure("the Go engine's server", model, self.proc.returncode,
+                                                         self.proc.stderr.read().decode()) or "server exited")
+            try:
+                if self.request("GET", "/health")[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        self.close()
+        raise AssertionError("server did not come up")
+
+    def request(self, method, path, body=None, headers=None, timeout=30):
+        """(status, headers, body bytes) of one JSON request."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            conn.request(method, path, body=json.dumps(body) if body is not None else None,
+                         headers={"Content-Type": "application/json", **(headers or {})})
+            r = conn.getresponse()
+            return r.status, dict(r.getheaders()), r.read()
+        finally:
+            conn.close()
+
+    def open_stream(self, body, headers=None):
+        """Starts a streamed request and returns the connection once the first
+        token has arrived (so the request holds its session)."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        conn.request("POST", "/v1/completions", body=json.dumps({**body, "stream": True}),
+                     headers={"Content-Type": "application/json", **(headers or {})})
+        r = conn.getresponse()
+        assert r.status == 200
+        assert r.read1(65536).startswith(b"data: ")
+        return conn, r
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
 
 
 # The vocab is trained on text with spaces, digits, punctuation and some

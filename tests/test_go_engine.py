@@ -199,40 +199,16 @@ def test_tokenizer_matches_llama_cpp(engine, f32_model):
 
 import http.client  # noqa: E402
 import json  # noqa: E402
-import socket  # noqa: E402
 import threading  # noqa: E402
-import time  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server(engine, f32_model):
-    port = free_port()
-    proc = subprocess.Popen([str(engine), "--model", str(f32_model), "--serve", "--host", "127.0.0.1",
-                             "--port", str(port), "--parallel", "4", "--threads", "2"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    s = F.Server(engine, f32_model, "--parallel", "4", "--threads", "2")
     try:
-        for _ in range(100):  # up to ~10 s
-            if proc.poll() is not None:
-                raise AssertionError(native.exit_failure("the Go engine's server", f32_model, proc.returncode,
-                                                         proc.stderr.read().decode()) or "server exited")
-            try:
-                status, _ = request(port, "GET", "/health")
-                if status == 200:
-                    break
-            except OSError:
-                time.sleep(0.1)
-        else:
-            raise AssertionError("server did not come up")
-        yield port
+        yield s.port
     finally:
-        proc.kill()
-        proc.wait(timeout=10)
+        s.close()
 
 
 def request(port, method, path, body=None, raw: bytes | None = None, timeout=60):

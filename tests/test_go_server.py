@@ -4,12 +4,9 @@ API key), the bounded queue, cancellation on disconnect, graceful SIGTERM, and
 the chat page driven in headless Chromium. Servers bind to 127.0.0.1 only."""
 from __future__ import annotations
 
-import http.client
 import json
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -54,60 +51,17 @@ def model(tmp_path_factory, vocab) -> Path:
     return server_model(tmp_path_factory, vocab, 3, dim=64, n_layer=1, n_head=4, n_kv=2, head_dim=16, ffn=128)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# Greedy, no repetition penalty, one thread: replies are reproducible.
+SERVER_FLAGS = ("--threads", "1", "--temp", "0", "--rep-penalty", "1")
 
 
-class Server:
-    def __init__(self, engine: Path, model: Path, *args: str):
-        self.port = free_port()
-        self.proc = subprocess.Popen(
-            [str(engine), "--model", str(model), "--serve", "--host", "127.0.0.1", "--port", str(self.port),
-             "--threads", "1", "--temp", "0", "--rep-penalty", "1", *args],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        for _ in range(100):  # up to ~10 s
-            if self.proc.poll() is not None:
-                raise AssertionError("server exited: " + self.proc.stderr.read().decode())
-            try:
-                if self.request("GET", "/health")[0] == 200:
-                    return
-            except OSError:
-                time.sleep(0.1)
-        self.close()
-        raise AssertionError("server did not come up")
-
-    def request(self, method, path, body=None, headers=None, timeout=30):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        try:
-            conn.request(method, path, body=json.dumps(body) if body is not None else None,
-                         headers={"Content-Type": "application/json", **(headers or {})})
-            r = conn.getresponse()
-            return r.status, dict(r.getheaders()), r.read()
-        finally:
-            conn.close()
-
-    def open_stream(self, body, headers=None):
-        """Starts a streamed request and returns the connection once the first
-        token has arrived (so the request holds its session)."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        conn.request("POST", "/v1/completions", body=json.dumps({**body, "stream": True}),
-                     headers={"Content-Type": "application/json", **(headers or {})})
-        r = conn.getresponse()
-        assert r.status == 200
-        assert r.read1(65536).startswith(b"data: ")
-        return conn, r
-
-    def close(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=10)
+def serve(engine: Path, model: Path, *args: str) -> F.Server:
+    return F.Server(engine, model, *SERVER_FLAGS, *args)
 
 
 @pytest.fixture(scope="module")
 def server(engine, model):
-    s = Server(engine, model, "--api-key", KEY, "--parallel", "2")
+    s = serve(engine, model, "--api-key", KEY, "--parallel", "2")
     yield s
     s.close()
 
@@ -179,14 +133,15 @@ def test_metrics_tokenize_detokenize(server):
 
 
 @pytest.fixture(scope="module")
-def slow_model(tmp_path_factory, vocab) -> Path:
-    """Big enough that a 2000-token reply takes seconds: time to fill the queue."""
-    return server_model(tmp_path_factory, vocab, 4, ctx=2048, dim=256, n_layer=4, n_head=4, n_kv=2, head_dim=64,
-                        ffn=1024)
+def slower_model(tmp_path_factory, vocab) -> Path:
+    """About 25M parameters: on one thread a 2000-token reply takes tens of seconds on any machine, so it is
+    still streaming when the queue is probed or Stop is pressed (a 4-layer d256 model finished in 3 s)."""
+    return server_model(tmp_path_factory, vocab, 5, ctx=2048, dim=512, n_layer=8, n_head=8, n_kv=4, head_dim=64,
+                        ffn=1536)
 
 
-def test_queue_full_503_and_disconnect_frees_the_session(engine, slow_model):
-    s = Server(engine, slow_model, "--parallel", "1", "--queue", "0", "--ignore-eos", "--ctx", "2048")
+def test_queue_full_503_and_disconnect_frees_the_session(engine, slower_model):
+    s = serve(engine, slower_model, "--parallel", "1", "--queue", "0", "--ignore-eos", "--ctx", "2048")
     try:
         t0 = time.monotonic()
         conn, r = s.open_stream({"prompt": "A long story", "max_tokens": 2000})
@@ -210,7 +165,7 @@ def test_queue_full_503_and_disconnect_frees_the_session(engine, slow_model):
 
 
 def test_sigterm_finishes_running_requests(engine, model):
-    s = Server(engine, model, "--parallel", "1", "--ignore-eos")
+    s = serve(engine, model, "--parallel", "1", "--ignore-eos")
     try:
         conn, r = s.open_stream({"prompt": "A long story", "max_tokens": 300})
         s.proc.send_signal(signal.SIGTERM)
@@ -235,16 +190,8 @@ def browser():
     b.quit()
 
 
-@pytest.fixture(scope="module")
-def slower_model(tmp_path_factory, vocab) -> Path:
-    """About 25M parameters: on one thread a 2000-token reply takes tens of seconds on any machine, so it
-    is still streaming when Stop is pressed (the small model finished 2000 tokens in 3 s)."""
-    return server_model(tmp_path_factory, vocab, 5, ctx=2048, dim=512, n_layer=8, n_head=8, n_kv=4, head_dim=64,
-                        ffn=1536)
-
-
 def test_chat_page_in_chromium(engine, slower_model, browser):
-    s = Server(engine, slower_model, "--parallel", "1", "--ignore-eos", "--ctx", "2048", "--threads", "1")
+    s = serve(engine, slower_model, "--parallel", "1", "--ignore-eos", "--ctx", "2048", "--threads", "1")
     try:
         browser.get(f"http://127.0.0.1:{s.port}/")
         wait = WebDriverWait(browser, 30, poll_frequency=0.05)
