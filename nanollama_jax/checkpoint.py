@@ -103,8 +103,12 @@ def seal(folder: Path) -> None:
     write_json_atomic(folder / CHECKSUMS, sums)
 
 
+class CheckpointDamaged(ValueError):
+    """A checkpoint file is missing or differs from its recorded checksum (the message names it)."""
+
+
 def verify(folder: Path) -> None:
-    """Raise ValueError naming the first file of a checkpoint folder that is missing or differs
+    """Raise CheckpointDamaged naming the first file of a checkpoint folder that is missing or differs
     from its recorded checksum. A folder without checksums (the process died between the end of
     the save and sealing it) is left to orbax's own reading."""
     sums_file = folder / CHECKSUMS
@@ -113,13 +117,13 @@ def verify(folder: Path) -> None:
     try:
         sums = json.loads(sums_file.read_text())
     except json.JSONDecodeError:
-        raise ValueError(f"{sums_file}: corrupted checksum list") from None
+        raise CheckpointDamaged(f"{sums_file}: corrupted checksum list") from None
     for name, digest in sums.items():
         path = folder / name
         if not path.is_file():
-            raise ValueError(f"{path}: missing from the checkpoint")
+            raise CheckpointDamaged(f"{path}: missing from the checkpoint")
         if sha256_file(path) != digest:
-            raise ValueError(f"{path}: corrupted (its sha256 differs from the one recorded at save)")
+            raise CheckpointDamaged(f"{path}: corrupted (its sha256 differs from the one recorded at save)")
 
 
 def good_step_before(run_dir: str | Path, step: int) -> int | None:
@@ -128,7 +132,7 @@ def good_step_before(run_dir: str | Path, step: int) -> int | None:
         try:
             verify(step_dir(run_dir, earlier))
             return earlier
-        except ValueError:
+        except CheckpointDamaged:
             continue
     return None
 
@@ -233,7 +237,7 @@ def restore(mgr: ocp.CheckpointManager, step: int, params_target, opt_target=Non
         verify(folder)
         out = mgr.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:
-        if isinstance(e, ValueError) and str(e).startswith(str(folder)):
+        if isinstance(e, CheckpointDamaged):
             problem = str(e)
         else:  # orbax / tensorstore could not read it: their message, on one line
             problem = f"{folder}: unreadable checkpoint ({type(e).__name__}: {' '.join(str(e).split())[:300]})"

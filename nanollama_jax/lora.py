@@ -114,8 +114,13 @@ class LoraSetup(TrainingSetup):
         return optax.multi_transform({"lora": optax.adamw(self.schedule, weight_decay=0.0),
                                       "frozen": optax.set_to_zero()}, labels)
 
+    @functools.cached_property
+    def learning_rates(self) -> np.ndarray:
+        """Every step's rate, computed once: a per-step eager read would queue behind the dispatched step."""
+        return np.asarray(jax.vmap(self.schedule)(jnp.arange(self.plan.steps)))
+
     def learning_rate(self, step: int) -> float:
-        return float(self.schedule(step))
+        return float(self.learning_rates[step])
 
     def init_state(self, base_params):
         params = {"base": base_params, "lora": jax.device_put(init_lora(self.param_shapes["base"], self.rank, self.plan.seed),

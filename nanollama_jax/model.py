@@ -319,17 +319,20 @@ def next_token_loss(params: Params, tokens: jax.Array, config: LlamaConfig, chun
     return _chunked_loss_sum(hidden, params["output"]["kernel"], targets, weights, config) / (b * t)
 
 
-def _chunk_logits(h, kernel, config):
-    raw = jnp.dot(h, kernel.astype(h.dtype))
+def _chunk_logits(h, k, config):
+    """(raw, finished) logits of one chunk; `k` is the head's kernel already in the compute dtype."""
+    raw = jnp.dot(h, k)
     return raw, finish_logits(raw, config)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _chunked_loss_sum(hidden, kernel, targets, weights, config):
     """Σ weight·(logsumexp − target logit) over chunks [n, B, C, …], one chunk's logits at a time."""
+    k = kernel.astype(hidden.dtype)
+
     def body(total, xs):
         h, y, w = xs
-        logits = _chunk_logits(h, kernel, config)[1]
+        logits = _chunk_logits(h, k, config)[1]
         return total + jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, y) * w), None
 
     return jax.lax.scan(body, jnp.zeros((), jnp.float32), (hidden, targets, weights))[0]
@@ -345,7 +348,7 @@ def _chunked_loss_fwd(hidden, kernel, targets, weights, config):
     def body(carry, xs):
         total, d_kernel = carry
         h, y, w = xs
-        raw, logits = _chunk_logits(h, kernel, config)
+        raw, logits = _chunk_logits(h, k, config)
         lse = jax.nn.logsumexp(logits, axis=-1)
         total = total + jnp.sum((lse - jnp.take_along_axis(logits, y[..., None], -1)[..., 0]) * w)
         d_logits = (jax.nn.softmax(logits, axis=-1) - jax.nn.one_hot(y, logits.shape[-1])) * w[..., None]

@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from optax.contrib import MuonDimensionNumbers, scale_by_muon
 
@@ -54,15 +55,17 @@ def group_labels(params):
     return jax.tree_util.tree_map_with_path(lambda p, _: param_group(p), params)
 
 
-def wsd_schedule(steps: int, warmup: int = 100, stable_fraction: float = 0.5):
-    """Multiplier: linear warmup, constant until `stable_fraction` of the steps, linear decay to 0."""
+def wsd_schedule(steps: int, warmup: int = 100, stable_fraction: float = 0.5, xp=jnp):
+    """Multiplier: linear warmup, constant until `stable_fraction` of the steps, linear decay to 0.
+    `xp=np` evaluates it on the host (the same float32 arithmetic): a log line must not queue behind
+    the training step already dispatched to the device."""
     decay_start = stable_fraction * steps
 
     def schedule(step):
-        step = jnp.asarray(step, jnp.float32)
-        ramp = jnp.minimum((step + 1) / max(warmup, 1), 1.0)
-        decay = jnp.clip((steps - step) / max(steps - decay_start, 1), 0.0, 1.0)
-        return ramp * jnp.where(step < decay_start, 1.0, decay)
+        step = xp.asarray(step, xp.float32)
+        ramp = xp.minimum((step + 1) / max(warmup, 1), 1.0)
+        decay = xp.clip((steps - step) / max(steps - decay_start, 1), 0.0, 1.0)
+        return ramp * xp.where(step < decay_start, 1.0, decay)
 
     return schedule
 
@@ -161,5 +164,5 @@ def learning_rates(config: LlamaConfig, steps: int, step: int, *, kind: str = "m
                    warmup: int = 100) -> dict[str, float]:
     """Each group's learning rate at `step` (for logs and tests)."""
     rates = group_rates(config, lr_scale, kind)
-    m = float(wsd_schedule(steps, warmup)(step))
+    m = float(wsd_schedule(steps, warmup, xp=np)(step))
     return {g: r * m for g, r in rates.items()}

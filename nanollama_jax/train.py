@@ -128,7 +128,7 @@ def train(args) -> None:
     config, recipe = load_size(args.size)
     init_run = checkpoint.open_run(args.init_from) if args.init_from else None
     if init_run:  # continued training: the model is the one in that run, whatever its origin
-        config = dataclasses.replace(init_run.config, dtype=config.dtype, remat=config.remat)
+        config = init_run.config  # (dtype and remat come from the flags: the plan sets both)
     if args.vocab_size:
         config = dataclasses.replace(config, vocab_size=args.vocab_size)
     mesh = sharding.make_mesh(args.mesh)

@@ -26,16 +26,11 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from . import checkpoint, model, sharding
+from . import checkpoint, sharding
 from .config import LlamaConfig
-from .model import param_shapes
+from .model import next_token_loss, param_shapes  # the default loss
 from .optim import learning_rates, make_optimizer
 from .plan import Plan, build_plan
-
-
-def next_token_loss(params, tokens, config: LlamaConfig):
-    """Mean cross-entropy of predicting tokens[:, 1:] from tokens[:, :-1] (chunked: model.py)."""
-    return model.next_token_loss(params, tokens, config)
 
 
 def make_train_step(plan: Plan, tx: optax.GradientTransformation, loss_fn: Callable = next_token_loss):
