@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"math"
-	"sort"
 	"strings"
 	"time"
 )
@@ -220,18 +219,39 @@ func tokenLogprob(raw []float32, id int32, tok *Tokenizer, n int) TokenLogprob {
 	if n <= 0 {
 		return out
 	}
-	idx := make([]int32, len(raw))
-	for i := range idx {
-		idx[i] = int32(i)
-	}
-	sort.SliceStable(idx, func(a, b int) bool { return raw[idx[a]] > raw[idx[b]] })
-	if n > len(idx) {
-		n = len(idx)
-	}
-	for _, t := range idx[:n] {
+	for _, t := range topIDs(raw, n) {
 		out.Top = append(out.Top, TopLogprob{ID: t, Text: string(tok.Piece(t)), Logprob: float64(raw[t]) - lse})
 	}
 	return out
+}
+
+// topIDs returns the ids of the n largest values of raw, largest first,
+// equal values in id order: the first n of a stable sort by descending
+// value, without sorting the whole vocabulary for every generated token.
+func topIDs(raw []float32, n int) []int32 {
+	if n > len(raw) {
+		n = len(raw)
+	}
+	if n <= 0 {
+		return nil
+	}
+	top := make([]int32, 0, n)
+	for i, v := range raw {
+		if len(top) == n && !(v > raw[top[n-1]]) {
+			continue // only a strictly greater value displaces a kept one
+		}
+		// After every kept entry that is >= v, so ties stay in id order.
+		j := len(top)
+		for j > 0 && raw[top[j-1]] < v {
+			j--
+		}
+		if len(top) < n {
+			top = append(top, 0)
+		}
+		copy(top[j+1:], top[j:len(top)-1])
+		top[j] = int32(i)
+	}
+	return top
 }
 
 func logSumExp(l []float32) float64 {

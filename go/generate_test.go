@@ -3,7 +3,9 @@ package main
 import (
 	"context"
 	"math"
+	"math/rand"
 	"reflect"
+	"sort"
 	"strings"
 	"testing"
 )
@@ -179,6 +181,52 @@ func TestLogprobs(t *testing.T) {
 		if len(lp.Top) != 3 || lp.Top[0].ID != lp.ID || lp.Top[0].Logprob < lp.Top[1].Logprob || lp.Logprob > 0 {
 			t.Errorf("greedy token %d with top %+v", lp.ID, lp.Top)
 		}
+	}
+}
+
+// topIDs keeps exactly the first n of a stable sort of the whole vocabulary
+// by descending value (the algorithm it replaced), ties included.
+func TestTopIDsMatchesStableSort(t *testing.T) {
+	ref := func(raw []float32, n int) []int32 {
+		idx := make([]int32, len(raw))
+		for i := range idx {
+			idx[i] = int32(i)
+		}
+		sort.SliceStable(idx, func(a, b int) bool { return raw[idx[a]] > raw[idx[b]] })
+		if n > len(idx) {
+			n = len(idx)
+		}
+		if n <= 0 {
+			return nil
+		}
+		return idx[:n]
+	}
+	check := func(raw []float32, n int) {
+		t.Helper()
+		if got, want := topIDs(raw, n), ref(raw, n); !reflect.DeepEqual(got, want) {
+			t.Fatalf("topIDs(%v, %d) = %v, want %v", raw, n, got, want)
+		}
+	}
+	inf := float32(math.Inf(1))
+	for _, c := range []struct {
+		raw []float32
+		n   int
+	}{
+		{nil, 3}, {[]float32{1}, 0}, {[]float32{1}, 1}, {[]float32{1, 2}, 5},
+		{[]float32{2, 2, 2, 2}, 2}, {[]float32{1, 2, 2, 3, 3, 3}, 4},
+		{[]float32{3, 2, 1, 0}, 2}, {[]float32{0, 1, 2, 3}, 2},
+		{[]float32{-inf, 0, inf, -inf, inf}, 3},
+	} {
+		check(c.raw, c.n)
+	}
+	r := rand.New(rand.NewSource(1))
+	for it := 0; it < 2000; it++ {
+		raw := make([]float32, 1+r.Intn(300))
+		levels := 1 + r.Intn(8) // few distinct values: many ties
+		for i := range raw {
+			raw[i] = float32(r.Intn(levels)) - float32(levels)/2
+		}
+		check(raw, r.Intn(len(raw)+3))
 	}
 }
 
