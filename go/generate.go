@@ -116,13 +116,6 @@ func GenerateWith(s *Session, tok *Tokenizer, prompt []int32, o GenOptions, emit
 	if nValid > s.m.Cfg.Vocab {
 		nValid = s.m.Cfg.Vocab
 	}
-	// seq is what the penalties look back over: the prompt and the output.
-	room := s.Ctx + 1 // generation ends at the context's end, whatever MaxTokens says
-	if o.MaxTokens < room-len(prompt) {
-		room = len(prompt) + o.MaxTokens
-	}
-	seq := make([]int32, len(prompt), room)
-	copy(seq, prompt)
 	var held strings.Builder // decoded text not yet released
 	var heldLP []TokenLogprob
 	var raw []float32
@@ -159,14 +152,15 @@ func GenerateWith(s *Session, tok *Tokenizer, prompt []int32, o GenOptions, emit
 		if o.Logprobs >= 0 {
 			raw = append(raw[:0], logits[:nValid]...) // sampling modifies logits in place
 		}
-		id := o.Sampler.Sample(logits, nValid, seq)
+		// The penalties look back over the prompt and the output so far:
+		// exactly the tokens behind the cache, s.hist, at this point.
+		id := o.Sampler.Sample(logits, nValid, s.hist)
 		if tok.IsEOG(id) {
 			st.StopReason = "stop"
 			break
 		}
 		st.GenTokens++
 		st.Output = append(st.Output, id)
-		seq = append(seq, id)
 		if o.Logprobs >= 0 {
 			heldLP = append(heldLP, tokenLogprob(raw, id, tok, o.Logprobs))
 		}
@@ -184,7 +178,7 @@ func GenerateWith(s *Session, tok *Tokenizer, prompt []int32, o GenOptions, emit
 			break
 		}
 		var err error
-		if logits, err = s.Forward(seq[len(seq)-1:], nil); err != nil {
+		if logits, err = s.Forward(st.Output[len(st.Output)-1:], nil); err != nil {
 			return st, err
 		}
 	}
