@@ -259,4 +259,16 @@ func TestPresenceFrequencyPenalties(t *testing.T) {
 	if l[0] != 3-0.5-0.25 || l[1] != 2.5-0.5-0.25 || l[2] != 2 {
 		t.Errorf("window of 2 penalised logits to %v", l)
 	}
+	// The same window for the repetition penalty, except that a zero window
+	// turns it off (presence/frequency above used the whole history).
+	for _, c := range []struct {
+		window int
+		want   []float32
+	}{{0, []float32{3, 2.5, 2, 0}}, {-1, []float32{1.5, 1.25, 2, 0}}, {1, []float32{3, 1.25, 2, 0}}} {
+		l := logits()
+		NewSampler(SamplerConfig{Temp: 0, RepPenalty: 2, RepWindow: c.window}).Sample(l, 4, hist)
+		if !reflect.DeepEqual(l, c.want) {
+			t.Errorf("repetition penalty, window %d: logits %v, want %v", c.window, l, c.want)
+		}
+	}
 }
