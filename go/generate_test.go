@@ -140,12 +140,6 @@ func TestStopStringsAcrossTokens(t *testing.T) {
 	if got := strings.Join(pieces, ""); got != want || st.StopReason != "stop" {
 		t.Fatalf("stop %q: got %q (%s), want %q", stop, got, st.StopReason, want)
 	}
-	for i := range pieces {
-		sofar := strings.Join(pieces[:i+1], "")
-		if strings.Contains(sofar, stop) {
-			t.Fatalf("stop string leaked in %q", sofar)
-		}
-	}
 	// A stop string that never matches releases everything.
 	var all strings.Builder
 	GenerateWith(m.NewSession(64, false), m.Tok, prompt, GenOptions{MaxTokens: 12, Sampler: NewSampler(greedy),
