@@ -62,7 +62,7 @@ func pieces(tok *Tokenizer, ids []int32) string {
 // The Llama 3 rendering, piece by piece: chat tokens are single ids, every
 // fragment after one is tokenised with the space prefix, content is trimmed.
 func TestLlama3ChatTemplate(t *testing.T) {
-	_, tok := chatVocab(t, llama3Template, true, true)
+	f, tok := chatVocab(t, llama3Template, true, true)
 	const nl2 = "\u2581 <0x0A> <0x0A> "
 	for _, c := range []struct {
 		name   string
@@ -88,7 +88,6 @@ func TestLlama3ChatTemplate(t *testing.T) {
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			var warn bytes.Buffer
-			f, _ := chatVocab(t, llama3Template, true, true)
 			ct := NewChatTemplate(f, tok, &warn)
 			if ct.Kind != "llama3" {
 				t.Fatalf("kind %s (%s)", ct.Kind, ct.Reason)
