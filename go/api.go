@@ -297,6 +297,7 @@ func (s *Server) handleCompletion(w http.ResponseWriter, r *http.Request, chat b
 		rs.id = "chat" + rs.id
 	}
 	opts := GenOptions{MaxTokens: maxTok, Sampler: NewSampler(cfg), Stop: stops, Logprobs: nLogprobs, Ctx: ctx}
+	timeoutMsg := fmt.Sprintf("generation exceeded the server's --timeout of %v", s.timeout)
 	if !req.Stream {
 		var out strings.Builder
 		var lps []TokenLogprob
@@ -313,7 +314,7 @@ func (s *Server) handleCompletion(w http.ResponseWriter, r *http.Request, chat b
 		if st.StopReason == "cancelled" {
 			if r.Context().Err() == nil {
 				headerSent = true
-				writeError(w, http.StatusGatewayTimeout, fmt.Sprintf("generation exceeded the server's --timeout of %v", s.timeout))
+				writeError(w, http.StatusGatewayTimeout, timeoutMsg)
 			}
 			return
 		}
@@ -330,10 +331,10 @@ func (s *Server) handleCompletion(w http.ResponseWriter, r *http.Request, chat b
 	})
 	if err != nil {
 		atomic.AddInt64(&s.metrics.failed, 1)
-		rs.send(map[string]interface{}{"error": map[string]string{"message": err.Error()}})
+		rs.sendError(err.Error())
 	} else if st.StopReason == "cancelled" {
 		if r.Context().Err() == nil {
-			rs.send(map[string]interface{}{"error": map[string]string{"message": fmt.Sprintf("generation exceeded the server's --timeout of %v", s.timeout)}})
+			rs.sendError(timeoutMsg)
 		}
 	} else {
 		s.metrics.add(st)
@@ -346,7 +347,7 @@ func (s *Server) handleCompletion(w http.ResponseWriter, r *http.Request, chat b
 			// As OpenAI: a last chunk with no choices carries the usage.
 			final := rs.chunk(nil)
 			final["choices"] = []interface{}{}
-			final["usage"] = usage(len(ids), st)
+			final["usage"] = usage(rs.prompt, st)
 			rs.send(final)
 		}
 		logStats(r, st)

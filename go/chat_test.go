@@ -16,12 +16,7 @@ const llama3Template = "{% set loop_messages = messages %}{% for message in loop
 func chatVocab(t *testing.T, template string, withChat, eotKey bool) (*GGUFFile, *Tokenizer) {
 	var g ggufBuilder
 	g.add("general.architecture", gString, "llama")
-	toks := []string{"<unk>", "<s>", "</s>"}
-	types := []int32{2, 3, 3}
-	for i := 0; i < 256; i++ {
-		toks = append(toks, "<0x"+strings.ToUpper(string("0123456789abcdef"[i>>4])+string("0123456789abcdef"[i&15]))+">")
-		types = append(types, 6)
-	}
+	toks, types := byteVocab()
 	seen := map[string]bool{}
 	for _, w := range []string{"\u2581user", "\u2581system", "\u2581assistant", "\u2581the", "the", "\u2581a", "a",
 		"<", "|", ">", "_", "i", "d", "e", "o", "t", "\u2581"} {
@@ -38,14 +33,7 @@ func chatVocab(t *testing.T, template string, withChat, eotKey bool) (*GGUFFile,
 		toks = append(toks, tokStartHeader, tokEndHeader, tokEndOfTurn)
 		types = append(types, 3, 3, 3)
 	}
-	scores := make([]float32, len(toks))
-	for i := range scores {
-		scores[i] = -float32(i)
-	}
-	g.add("tokenizer.ggml.model", gString, "llama")
-	g.add("tokenizer.ggml.tokens", gArray, toks)
-	g.add("tokenizer.ggml.scores", gArray, scores)
-	g.add("tokenizer.ggml.token_type", gArray, types)
+	g.addSPVocab(toks, types)
 	if eotKey {
 		g.add("tokenizer.ggml.eot_token_id", gUint32, uint32(len(toks)-1))
 	}
@@ -74,7 +62,7 @@ func pieces(tok *Tokenizer, ids []int32) string {
 // The Llama 3 rendering, piece by piece: chat tokens are single ids, every
 // fragment after one is tokenised with the space prefix, content is trimmed.
 func TestLlama3ChatTemplate(t *testing.T) {
-	_, tok := chatVocab(t, llama3Template, true, true)
+	f, tok := chatVocab(t, llama3Template, true, true)
 	const nl2 = "\u2581 <0x0A> <0x0A> "
 	for _, c := range []struct {
 		name   string
@@ -100,7 +88,6 @@ func TestLlama3ChatTemplate(t *testing.T) {
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			var warn bytes.Buffer
-			f, _ := chatVocab(t, llama3Template, true, true)
 			ct := NewChatTemplate(f, tok, &warn)
 			if ct.Kind != "llama3" {
 				t.Fatalf("kind %s (%s)", ct.Kind, ct.Reason)

@@ -12,50 +12,20 @@ import (
 // microModel is a 1-layer llama small enough (a few KB) for the fuzzer to
 // mutate quickly: Q8_0 matrices, f32 norms, a 20-token SentencePiece vocab.
 func microModel(typ GGMLType) []byte {
-	const dim, ffn, nh, nkv, hd = 32, 32, 2, 1, 16
+	toks := []string{"<unk>", "<s>", "</s>", "\u2581", "\u2581h", "\u2581t", "hi", "he", "h", "i", "t", "e", "r", "\u2581the", "re", "<0x0A>", "a", "b", "c", "d"}
+	sh := llamaShape{layers: 1, dim: 32, ffn: 32, nh: 2, nkv: 1, hd: 16, vocab: len(toks), ctx: 16}
 	rng := rand.New(rand.NewSource(7))
 	var g ggufBuilder
-	g.add("general.architecture", gString, "llama")
-	for _, kv := range []struct {
-		k string
-		v uint32
-	}{{"llama.block_count", 1}, {"llama.embedding_length", dim}, {"llama.feed_forward_length", ffn},
-		{"llama.attention.head_count", nh}, {"llama.attention.head_count_kv", nkv}, {"llama.context_length", 16}} {
-		g.add(kv.k, gUint32, kv.v)
-	}
-	toks := []string{"<unk>", "<s>", "</s>", "\u2581", "\u2581h", "\u2581t", "hi", "he", "h", "i", "t", "e", "r", "\u2581the", "re", "<0x0A>", "a", "b", "c", "d"}
+	g.addLlamaHParams(sh)
 	types := make([]int32, len(toks))
-	scores := make([]float32, len(toks))
-	for i := range toks {
-		types[i], scores[i] = 1, -float32(i)
+	for i := range types {
+		types[i] = 1
 	}
 	types[0], types[1], types[2], types[15] = 2, 3, 3, 6
-	g.add("tokenizer.ggml.model", gString, "llama")
-	g.add("tokenizer.ggml.tokens", gArray, toks)
-	g.add("tokenizer.ggml.scores", gArray, scores)
-	g.add("tokenizer.ggml.token_type", gArray, types)
-	vocab := len(toks)
-	mat := func(name string, rows, cols int) {
+	g.addSPVocab(toks, types)
+	g.addLlamaTensors(sh, func(name string, rows, cols int) {
 		g.tensor(name, typ, randomRow(rng, typ, rows*cols), uint64(cols), uint64(rows))
-	}
-	vec := func(name string, n int) {
-		f := make([]float32, n)
-		for i := range f {
-			f[i] = 1
-		}
-		g.tensor(name, TypeF32, f32AsBytes(f), uint64(n))
-	}
-	mat("token_embd.weight", vocab, dim)
-	vec("output_norm.weight", dim)
-	vec("blk.0.attn_norm.weight", dim)
-	vec("blk.0.ffn_norm.weight", dim)
-	mat("blk.0.attn_q.weight", nh*hd, dim)
-	mat("blk.0.attn_k.weight", nkv*hd, dim)
-	mat("blk.0.attn_v.weight", nkv*hd, dim)
-	mat("blk.0.attn_output.weight", dim, nh*hd)
-	mat("blk.0.ffn_gate.weight", ffn, dim)
-	mat("blk.0.ffn_up.weight", ffn, dim)
-	mat("blk.0.ffn_down.weight", dim, ffn)
+	})
 	return g.bytes()
 }
 

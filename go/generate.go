@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"math"
-	"sort"
 	"strings"
 	"time"
 )
@@ -117,13 +116,6 @@ func GenerateWith(s *Session, tok *Tokenizer, prompt []int32, o GenOptions, emit
 	if nValid > s.m.Cfg.Vocab {
 		nValid = s.m.Cfg.Vocab
 	}
-	// seq is what the penalties look back over: the prompt and the output.
-	room := s.Ctx + 1 // generation ends at the context's end, whatever MaxTokens says
-	if o.MaxTokens < room-len(prompt) {
-		room = len(prompt) + o.MaxTokens
-	}
-	seq := make([]int32, len(prompt), room)
-	copy(seq, prompt)
 	var held strings.Builder // decoded text not yet released
 	var heldLP []TokenLogprob
 	var raw []float32
@@ -160,14 +152,15 @@ func GenerateWith(s *Session, tok *Tokenizer, prompt []int32, o GenOptions, emit
 		if o.Logprobs >= 0 {
 			raw = append(raw[:0], logits[:nValid]...) // sampling modifies logits in place
 		}
-		id := o.Sampler.Sample(logits, nValid, seq)
+		// The penalties look back over the prompt and the output so far:
+		// exactly the tokens behind the cache, s.hist, at this point.
+		id := o.Sampler.Sample(logits, nValid, s.hist)
 		if tok.IsEOG(id) {
 			st.StopReason = "stop"
 			break
 		}
 		st.GenTokens++
 		st.Output = append(st.Output, id)
-		seq = append(seq, id)
 		if o.Logprobs >= 0 {
 			heldLP = append(heldLP, tokenLogprob(raw, id, tok, o.Logprobs))
 		}
@@ -185,7 +178,7 @@ func GenerateWith(s *Session, tok *Tokenizer, prompt []int32, o GenOptions, emit
 			break
 		}
 		var err error
-		if logits, err = s.Forward(seq[len(seq)-1:], nil); err != nil {
+		if logits, err = s.Forward(st.Output[len(st.Output)-1:], nil); err != nil {
 			return st, err
 		}
 	}
@@ -220,18 +213,39 @@ func tokenLogprob(raw []float32, id int32, tok *Tokenizer, n int) TokenLogprob {
 	if n <= 0 {
 		return out
 	}
-	idx := make([]int32, len(raw))
-	for i := range idx {
-		idx[i] = int32(i)
-	}
-	sort.SliceStable(idx, func(a, b int) bool { return raw[idx[a]] > raw[idx[b]] })
-	if n > len(idx) {
-		n = len(idx)
-	}
-	for _, t := range idx[:n] {
+	for _, t := range topIDs(raw, n) {
 		out.Top = append(out.Top, TopLogprob{ID: t, Text: string(tok.Piece(t)), Logprob: float64(raw[t]) - lse})
 	}
 	return out
+}
+
+// topIDs returns the ids of the n largest values of raw, largest first,
+// equal values in id order: the first n of a stable sort by descending
+// value, without sorting the whole vocabulary for every generated token.
+func topIDs(raw []float32, n int) []int32 {
+	if n > len(raw) {
+		n = len(raw)
+	}
+	if n <= 0 {
+		return nil
+	}
+	top := make([]int32, 0, n)
+	for i, v := range raw {
+		if len(top) == n && !(v > raw[top[n-1]]) {
+			continue // only a strictly greater value displaces a kept one
+		}
+		// After every kept entry that is >= v, so ties stay in id order.
+		j := len(top)
+		for j > 0 && raw[top[j-1]] < v {
+			j--
+		}
+		if len(top) < n {
+			top = append(top, 0)
+		}
+		copy(top[j+1:], top[j:len(top)-1])
+		top[j] = int32(i)
+	}
+	return top
 }
 
 func logSumExp(l []float32) float64 {

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"encoding/binary"
+	"fmt"
 	"math"
 	"math/rand"
 	"strings"
@@ -87,6 +88,76 @@ func (g *ggufBuilder) bytes() []byte {
 	return b.Bytes()
 }
 
+// llamaShape is the shape of a test llama: the hyperparameters written to
+// the GGUF and the tensors addLlamaTensors lays out.
+type llamaShape struct {
+	layers, dim, ffn, nh, nkv, hd, vocab, ctx int
+}
+
+// addLlamaHParams writes the architecture and the llama hyperparameters.
+func (g *ggufBuilder) addLlamaHParams(sh llamaShape) {
+	g.add("general.architecture", gString, "llama")
+	for _, kv := range []struct {
+		k string
+		v int
+	}{{"llama.block_count", sh.layers}, {"llama.embedding_length", sh.dim}, {"llama.feed_forward_length", sh.ffn},
+		{"llama.attention.head_count", sh.nh}, {"llama.attention.head_count_kv", sh.nkv}, {"llama.context_length", sh.ctx}} {
+		g.add(kv.k, gUint32, uint32(kv.v))
+	}
+}
+
+// byteVocab is the start of a SentencePiece byte-fallback vocabulary:
+// <unk>, <s>, </s> and the 256 byte tokens <0x00>..<0xFF>.
+func byteVocab() (toks []string, types []int32) {
+	toks = []string{"<unk>", "<s>", "</s>"}
+	types = []int32{2, 3, 3}
+	for i := 0; i < 256; i++ {
+		toks = append(toks, fmt.Sprintf("<0x%02X>", i))
+		types = append(types, 6)
+	}
+	return toks, types
+}
+
+// addSPVocab writes a SentencePiece ("llama") tokenizer whose piece scores
+// fall with the id (-i), so earlier pieces merge first.
+func (g *ggufBuilder) addSPVocab(toks []string, types []int32) {
+	scores := make([]float32, len(toks))
+	for i := range scores {
+		scores[i] = -float32(i)
+	}
+	g.add("tokenizer.ggml.model", gString, "llama")
+	g.add("tokenizer.ggml.tokens", gArray, toks)
+	g.add("tokenizer.ggml.scores", gArray, scores)
+	g.add("tokenizer.ggml.token_type", gArray, types)
+}
+
+// addLlamaTensors adds a llama's tensors in a fixed order: the matrices
+// from mat (called in that order, so a caller's random draws are
+// reproducible) and the norms as f32 ones.
+func (g *ggufBuilder) addLlamaTensors(sh llamaShape, mat func(name string, rows, cols int)) {
+	vec := func(name string, n int) {
+		f := make([]float32, n)
+		for i := range f {
+			f[i] = 1
+		}
+		g.tensor(name, TypeF32, f32AsBytes(f), uint64(n))
+	}
+	mat("token_embd.weight", sh.vocab, sh.dim)
+	vec("output_norm.weight", sh.dim)
+	for l := 0; l < sh.layers; l++ {
+		p := fmt.Sprintf("blk.%d.", l)
+		vec(p+"attn_norm.weight", sh.dim)
+		vec(p+"ffn_norm.weight", sh.dim)
+		mat(p+"attn_q.weight", sh.nh*sh.hd, sh.dim)
+		mat(p+"attn_k.weight", sh.nkv*sh.hd, sh.dim)
+		mat(p+"attn_v.weight", sh.nkv*sh.hd, sh.dim)
+		mat(p+"attn_output.weight", sh.dim, sh.nh*sh.hd)
+		mat(p+"ffn_gate.weight", sh.ffn, sh.dim)
+		mat(p+"ffn_up.weight", sh.ffn, sh.dim)
+		mat(p+"ffn_down.weight", sh.dim, sh.ffn)
+	}
+}
+
 func TestParseAllMetadataTypes(t *testing.T) {
 	var g ggufBuilder
 	g.add("u8", gUint8, uint8(7))
@@ -153,40 +224,21 @@ func TestParseErrors(t *testing.T) {
 // tinyModel builds a random 2-layer llama with a byte-level SentencePiece
 // vocab, stored as typ.
 func tinyModel(t testing.TB, typ GGMLType) *Model {
-	const dim, ffn, vocab, nh, nkv, hd = 64, 128, 300, 4, 2, 16
+	sh := llamaShape{layers: 2, dim: 64, ffn: 128, nh: 4, nkv: 2, hd: 16, vocab: 300, ctx: 64}
 	rng := rand.New(rand.NewSource(1))
 	var g ggufBuilder
-	g.add("general.architecture", gString, "llama")
-	for _, kv := range []struct {
-		k string
-		v uint32
-	}{{"llama.block_count", 2}, {"llama.embedding_length", dim}, {"llama.feed_forward_length", ffn},
-		{"llama.attention.head_count", nh}, {"llama.attention.head_count_kv", nkv}, {"llama.context_length", 64}} {
-		g.add(kv.k, gUint32, kv.v)
-	}
-	toks := []string{"<unk>", "<s>", "</s>"}
-	types := []int32{2, 3, 3}
-	for i := 0; i < 256; i++ {
-		toks = append(toks, "<0x"+strings.ToUpper(string("0123456789abcdef"[i>>4])+string("0123456789abcdef"[i&15]))+">")
-		types = append(types, 6)
-	}
+	g.addLlamaHParams(sh)
+	toks, types := byteVocab()
 	for _, w := range []string{"\u2581the", "\u2581a", "he", "th", "\u2581t", "\u2581h", "e", "t", "h", "a", "\u2581"} {
 		toks = append(toks, w)
 		types = append(types, 1)
 	}
-	for len(toks) < vocab {
+	for len(toks) < sh.vocab {
 		toks = append(toks, "x"+string(rune('a'+len(toks)%26))+string(rune('a'+len(toks)/26%26)))
 		types = append(types, 1)
 	}
-	scores := make([]float32, vocab)
-	for i := range scores {
-		scores[i] = -float32(i)
-	}
-	g.add("tokenizer.ggml.model", gString, "llama")
-	g.add("tokenizer.ggml.tokens", gArray, toks)
-	g.add("tokenizer.ggml.scores", gArray, scores)
-	g.add("tokenizer.ggml.token_type", gArray, types)
-	mat := func(name string, rows, cols int) {
+	g.addSPVocab(toks, types)
+	g.addLlamaTensors(sh, func(name string, rows, cols int) {
 		f := make([]float32, rows*cols)
 		for i := range f {
 			f[i] = float32(rng.NormFloat64() / math.Sqrt(float64(cols)))
@@ -198,28 +250,7 @@ func tinyModel(t testing.TB, typ GGMLType) *Model {
 			data = append(data, randomRow(rng, typ, rows*cols)...)
 		}
 		g.tensor(name, typ, data, uint64(cols), uint64(rows))
-	}
-	vec := func(name string, n int) {
-		f := make([]float32, n)
-		for i := range f {
-			f[i] = 1
-		}
-		g.tensor(name, TypeF32, f32AsBytes(f), uint64(n))
-	}
-	mat("token_embd.weight", vocab, dim)
-	vec("output_norm.weight", dim)
-	for l := 0; l < 2; l++ {
-		p := "blk." + string(rune('0'+l)) + "."
-		vec(p+"attn_norm.weight", dim)
-		vec(p+"ffn_norm.weight", dim)
-		mat(p+"attn_q.weight", nh*hd, dim)
-		mat(p+"attn_k.weight", nkv*hd, dim)
-		mat(p+"attn_v.weight", nkv*hd, dim)
-		mat(p+"attn_output.weight", dim, nh*hd)
-		mat(p+"ffn_gate.weight", ffn, dim)
-		mat(p+"ffn_up.weight", ffn, dim)
-		mat(p+"ffn_down.weight", dim, ffn)
-	}
+	})
 	f, err := parseGGUF(g.bytes())
 	if err != nil {
 		t.Fatal(err)

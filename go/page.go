@@ -41,12 +41,13 @@ document.getElementById('f').onsubmit = async e => {
     max_tokens: +document.getElementById('maxt').value};
   const ctl = new AbortController(); stopBtn.disabled = false; stopBtn.onclick = () => ctl.abort();
   try {
-    let res = await fetch('/v1/chat/completions', {method: 'POST', signal: ctl.signal,
+    // authHeaders() is read at each call, so the retry sends the new key.
+    const post = () => fetch('/v1/chat/completions', {method: 'POST', signal: ctl.signal,
       headers: {'Content-Type': 'application/json', ...authHeaders()}, body: JSON.stringify(body)});
+    let res = await post();
     if (res.status === 401) {
       localStorage.apiKey = prompt('API key') || '';
-      res = await fetch('/v1/chat/completions', {method: 'POST', signal: ctl.signal,
-        headers: {'Content-Type': 'application/json', ...authHeaders()}, body: JSON.stringify(body)});
+      res = await post();
     }
     if (!res.ok) { out.textContent = 'error: ' + (await res.json()).error.message; return; }
     const reader = res.body.getReader(), dec = new TextDecoder(); let buf = '';

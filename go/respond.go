@@ -120,6 +120,11 @@ func (rs *responder) send(v interface{}) bool {
 	return true
 }
 
+// sendError writes an error event, for failures after the stream began.
+func (rs *responder) sendError(msg string) bool {
+	return rs.send(map[string]interface{}{"error": map[string]string{"message": msg}})
+}
+
 func (rs *responder) done() {
 	fmt.Fprint(rs.w, "data: [DONE]\n\n")
 	if rs.flusher != nil {

@@ -39,15 +39,18 @@ func NewSampler(cfg SamplerConfig) *Sampler {
 func (s *Sampler) Sample(logits []float32, nValid int, history []int32) int32 {
 	l := logits[:nValid]
 	c := s.cfg
+	// The penalty window: the last RepWindow tokens, or all of them when
+	// RepWindow < 0 (and, for presence/frequency, when it is 0; a zero
+	// window turns off only the repetition penalty).
+	window := history
+	if c.RepWindow > 0 && len(history) > c.RepWindow {
+		window = history[len(history)-c.RepWindow:]
+	}
 	if c.RepPenalty > 0 && c.RepPenalty != 1 && c.RepWindow != 0 {
-		start := 0
-		if c.RepWindow > 0 && len(history) > c.RepWindow {
-			start = len(history) - c.RepWindow
-		}
 		for k := range s.seen {
 			delete(s.seen, k)
 		}
-		for _, id := range history[start:] {
+		for _, id := range window {
 			if id < 0 || int(id) >= nValid || s.seen[id] {
 				continue
 			}
@@ -60,14 +63,10 @@ func (s *Sampler) Sample(logits []float32, nValid int, history []int32) int32 {
 		}
 	}
 	if c.Presence != 0 || c.Frequency != 0 {
-		start := 0
-		if c.RepWindow > 0 && len(history) > c.RepWindow {
-			start = len(history) - c.RepWindow
-		}
 		for k := range s.count {
 			delete(s.count, k)
 		}
-		for _, id := range history[start:] {
+		for _, id := range window {
 			if id >= 0 && int(id) < nValid {
 				s.count[id]++
 			}

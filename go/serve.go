@@ -287,10 +287,10 @@ func (p *sessionPool) acquire(ctx context.Context, prompt []int32) (*Session, er
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	best := 0
+	best, bestLen := 0, -1
 	for i, s := range p.idle {
-		if s.SharedPrefix(prompt) > p.idle[best].SharedPrefix(prompt) {
-			best = i
+		if n := s.SharedPrefix(prompt); n > bestLen {
+			best, bestLen = i, n
 		}
 	}
 	s := p.idle[best]
