@@ -111,16 +111,6 @@ def check_messages(messages, where: str = "conversation") -> list[dict]:
     return out
 
 
-def render_text(messages: list[dict], add_generation_prompt: bool = False, bos: str = "<s>") -> str:
-    """The conversation as text, as the Jinja template renders it (special tokens spelled out)."""
-    parts = [bos]
-    for m in messages:
-        parts.append(f"{START_HEADER}{m['role']}{END_HEADER}\n\n{m['content'].strip(_TRIM)}{END_OF_TURN}")
-    if add_generation_prompt:
-        parts.append(f"{START_HEADER}assistant{END_HEADER}\n\n")
-    return "".join(parts)
-
-
 def render(sp, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
     """Token ids of the conversation and, per token, whether SFT trains on it (True on the content
     and the closing <|eot_id|> of every assistant message; the headers are prompt)."""

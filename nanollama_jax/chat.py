@@ -39,14 +39,14 @@ class ChatSession:
 
     def reset(self) -> None:
         self.cache = init_cache(self.config, 1, self.config.sequence_len)
-        self.pos = 0
-        self.history: list[int] = []
+        self.pos = 0  # tokens in the cache; 0: the conversation starts (with BOS and the system message)
 
     def _turn_ids(self, text: str) -> list[int]:
         """The new user turn and the assistant header, rendered exactly as the whole conversation would be."""
-        messages = ([{"role": "system", "content": self.system}] if self.system and not self.history else [])
+        first = self.pos == 0
+        messages = [{"role": "system", "content": self.system}] if self.system and first else []
         ids = render(self.sp, messages + [{"role": "user", "content": text}], add_generation_prompt=True)[0]
-        return ids if not self.history else ids[1:]  # BOS only at the start
+        return ids if first else ids[1:]  # BOS only at the start
 
     def reply(self, text: str, max_tokens: int = 256, on_token=None, on_restart=None) -> list[int]:
         new = self._turn_ids(text)
@@ -60,7 +60,6 @@ class ChatSession:
                 raise ValueError(f"the message needs {len(new)} tokens; the model's context is {limit}")
         logits, self.cache = self.step(self.params, jnp.asarray([new], jnp.int32), self.cache, self.pos)
         self.pos += len(new)
-        self.history += new
         out = []
         temperature, top_k, top_p = self.sampling
         while True:
@@ -77,7 +76,6 @@ class ChatSession:
         self.cache = self.step(self.params, jnp.asarray([[self.tokens.end_of_turn]], jnp.int32),
                                self.cache, self.pos)[1]
         self.pos += 1
-        self.history += out + [self.tokens.end_of_turn]
         self.turns += 1
         return out
 

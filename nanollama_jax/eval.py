@@ -135,7 +135,7 @@ def main(argv=None):
 
 def evaluate(args) -> None:
     from nanollama_base.files import atomic_path
-    from .scoring import TOKENS_PER_DEVICE, bits_per_byte, evaluate_tasks, text_windows, token_byte_table
+    from .scoring import bits_per_byte, evaluate_tasks, rows_per_pass, text_windows, token_byte_table
     from .tasks import load_tasks
 
     if not args.tasks and not args.bpb_text:
@@ -163,7 +163,7 @@ def evaluate(args) -> None:
                                       progress=not args.quiet, details=args.details))
     if documents:
         seq = model.config.sequence_len
-        rows = mesh.shape["fsdp"] * max(1, min(args.batch_size, TOKENS_PER_DEVICE // seq))
+        rows = rows_per_pass(mesh, args.batch_size, seq)
         windows = text_windows(model.tokenizer, documents, seq, rows)
         bpb = bits_per_byte(model.params, model.config, windows, token_byte_table(model.tokenizer), mesh=mesh)
         results["bpb"] = {**bpb, "files": [str(f) for f in args.bpb_text]}

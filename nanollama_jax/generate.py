@@ -95,13 +95,14 @@ class TextStream:
     character made of several byte tokens appears whole."""
 
     def __init__(self, sp, out=None):
-        self.sp, self.out, self.produced = sp, out or sys.stdout, []
+        self.sp, self.out, self.produced, self.text = sp, out or sys.stdout, [], ""
 
     def __call__(self, token: int) -> None:
-        before = self.sp.decode(self.produced)
         self.produced.append(token)
-        self.out.write(self.sp.decode(self.produced)[len(before):])
+        text = self.sp.decode(self.produced)
+        self.out.write(text[len(self.text):])
         self.out.flush()
+        self.text = text
 
 
 def main(argv=None):

@@ -26,6 +26,7 @@ the training split is ``train_*`` only.
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import json
 import math
@@ -115,6 +116,15 @@ class TokenWindows:
 GRAIN_SHUFFLE_MIN = 65536
 
 
+@functools.lru_cache(maxsize=8)
+def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The order of `n` items in `epoch`: a pure function of (seed, epoch), cached for the few epochs a
+    run's recent batches span."""
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    perm.flags.writeable = False  # shared by every caller of the cache
+    return perm
+
+
 class _EpochPermutation(grain.MapDataset):
     """Per-epoch shuffle for small datasets, with the semantics of grain's ``shuffle``
     (element ``i`` of epoch ``e`` is ``parent[perm_e[i] + e*len]``, a pure function of
@@ -125,7 +135,6 @@ class _EpochPermutation(grain.MapDataset):
     def __init__(self, parent: grain.MapDataset, seed: int):
         super().__init__(parent)
         self._seed = int(seed)
-        self._perms: dict = {}
 
     def __len__(self) -> int:
         return len(self._parent)
@@ -133,20 +142,11 @@ class _EpochPermutation(grain.MapDataset):
     def __str__(self) -> str:
         return "EpochPermutation"
 
-    def _perm(self, epoch: int) -> np.ndarray:
-        perm = self._perms.get(epoch)
-        if perm is None:
-            perm = np.random.default_rng([self._seed, epoch]).permutation(len(self._parent))
-            if len(self._perms) >= 4:
-                self._perms.pop(next(iter(self._perms)))
-            self._perms[epoch] = perm
-        return perm
-
     def __getitem__(self, index):
         if isinstance(index, slice):
             return self.slice(index)
         epoch, i = divmod(int(index), len(self._parent))
-        return self._parent[int(self._perm(epoch)[i]) + epoch * len(self._parent)]
+        return self._parent[int(epoch_permutation(self._seed, epoch, len(self._parent))[i]) + epoch * len(self._parent)]
 
 
 def _shuffled(windows: "TokenWindows", seed: int) -> grain.MapDataset:

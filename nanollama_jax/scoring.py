@@ -87,8 +87,15 @@ def _bpb_sums(params, tokens, table, dummy, bos, config: LlamaConfig):
 
 
 @functools.lru_cache(maxsize=8)
-def _jitted_bpb(config: LlamaConfig, mesh: Mesh):
-    return jax.jit(functools.partial(_bpb_sums, config=config), out_shardings=NamedSharding(mesh, P()))
+def _jitted(fn, config: LlamaConfig, mesh: Mesh):
+    """`fn` compiled once per model and mesh, its per-row results gathered on every device."""
+    return jax.jit(functools.partial(fn, config=config), out_shardings=NamedSharding(mesh, P()))
+
+
+def rows_per_pass(mesh: Mesh, batch_size: int, length: int) -> int:
+    """Rows of `length` tokens per forward pass: `batch_size` per fsdp shard, fewer when a shard would
+    hold more than TOKENS_PER_DEVICE tokens (their float32 logits are held whole)."""
+    return mesh.shape["fsdp"] * max(1, min(batch_size, TOKENS_PER_DEVICE // length))
 
 
 def bits_per_byte(params: Params, config: LlamaConfig, batches: Iterable[np.ndarray], table: TokenBytes, *,
@@ -96,7 +103,7 @@ def bits_per_byte(params: Params, config: LlamaConfig, batches: Iterable[np.ndar
     """Bits per byte over token windows [B, T+1] (each row predicts tokens[1:] from tokens[:-1]).
     Rows are padded to the mesh's fsdp size with BOS, which carries no bytes."""
     mesh = mesh or sharding.make_mesh()
-    step = _jitted_bpb(config, mesh)
+    step = _jitted(_bpb_sums, config, mesh)
     nats, nbytes, rows = 0.0, 0, 0
     consts = [jnp.asarray(table.bytes), jnp.asarray(table.dummy_space), jnp.int32(table.bos_id)]
     with jax.set_mesh(mesh), sharding.axis_rules():
@@ -136,11 +143,6 @@ def _row_stats(params, tokens, mask, config: LlamaConfig):
     return jnp.sum(jnp.where(m, loss, 0.0), axis=1), jnp.sum(m, axis=1), jnp.all(hit | ~m, axis=1)
 
 
-@functools.lru_cache(maxsize=8)
-def _jitted_rows(config: LlamaConfig, mesh: Mesh):
-    return jax.jit(functools.partial(_row_stats, config=config), out_shardings=NamedSharding(mesh, P()))
-
-
 def _pad_rows(batch: np.ndarray, multiple: int, fill: int) -> np.ndarray:
     extra = -batch.shape[0] % multiple
     if not extra:
@@ -166,15 +168,14 @@ def score_rows(params: Params, config: LlamaConfig, rows: Sequence[Row], *, mesh
     """(summed loss, scored tokens, greedy match) for every row. Longest rows first, each batch
     padded to its longest row's bucket, with up to `batch_size` rows per fsdp shard and at most
     TOKENS_PER_DEVICE tokens per shard (the logits of a batch are held whole)."""
-    step = _jitted_rows(config, mesh)
-    shards = mesh.shape["fsdp"]
+    step = _jitted(_row_stats, config, mesh)
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i].tokens))
     loss, count, match = np.zeros(len(rows)), np.zeros(len(rows), np.int64), np.zeros(len(rows), bool)
     b = 0
     with jax.set_mesh(mesh), sharding.axis_rules():
         while b < len(order):
             length = _bucket(len(rows[order[b]].tokens))
-            n = shards * max(1, min(batch_size, TOKENS_PER_DEVICE // length))
+            n = rows_per_pass(mesh, batch_size, length)
             idx = order[b:b + n]
             b += len(idx)
             tokens = np.zeros((n, length), np.int32)

@@ -19,6 +19,8 @@ import numpy as np
 
 from data.chat import ChatError, read_chats, render
 
+from .input import epoch_permutation
+
 
 def pack(conversations, sp, seq_len: int) -> tuple[np.ndarray, np.ndarray, int]:
     """(tokens int32 [rows, seq_len + 1], mask bool [rows, seq_len + 1], conversations cut short)."""
@@ -81,7 +83,7 @@ class ChatBatches:
         g = k * self.global_batch + self.process_index * per + np.arange(per)
         out = np.empty(per, np.int64)
         for epoch in np.unique(g // n):
-            perm = np.random.default_rng([self.seed, int(epoch)]).permutation(n)
+            perm = epoch_permutation(self.seed, int(epoch), n)
             sel = g // n == epoch
             out[sel] = perm[g[sel] % n]
         return out

@@ -29,7 +29,7 @@ import numpy as np
 
 from . import checkpoint
 from .metrics import read_metrics
-from .scoring import TOKENS_PER_DEVICE, bits_per_byte, prepare_tasks, score_tasks, token_byte_table
+from .scoring import bits_per_byte, prepare_tasks, rows_per_pass, score_tasks, token_byte_table
 
 BEST = "best"  # runs/<tag>/best/
 RISE_TOLERANCE = 0.01  # a rise of more than 1% above the best validation loss is overfitting, not noise
@@ -119,7 +119,7 @@ class TrainingEval:
         config = setup.config
         tokenizer = spm.SentencePieceProcessor(model_file=str(run.tokenizer_path))
         self.byte_table = token_byte_table(tokenizer)
-        rows = setup.mesh.shape["fsdp"] * max(1, min(setup.plan.batch_size, TOKENS_PER_DEVICE // config.sequence_len))
+        rows = rows_per_pass(setup.mesh, setup.plan.batch_size, config.sequence_len)
         windows = np.concatenate(validation)  # regrouped so bits per byte holds a bounded slice of logits at once
         self.bpb_batches = [windows[i:i + rows] for i in range(0, len(windows), rows)]
         self.tasks = prepare_tasks(tasks, tokenizer, config.sequence_len, max_items)
