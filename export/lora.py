@@ -66,7 +66,7 @@ def norm_feeds(name: str) -> tuple[str, ...]:
 
 def _factors(entry) -> tuple[np.ndarray, np.ndarray]:
     """(B [out, r], A [r, in]) with B @ A == the delta (nanollama [out, in] orientation)."""
-    if entry is not None and entry.kind == "lowrank":
+    if entry.kind == "lowrank":
         return entry.b.astype(np.float32), entry.a.astype(np.float32)
     return _full_rank(entry.dense())
 
@@ -107,10 +107,10 @@ def _truncate(b: np.ndarray, a: np.ndarray, rank: int) -> tuple[np.ndarray, np.n
     return ((qb @ u[:, :rank]) * sv[:rank]).astype(np.float32), (qa @ vt[:rank].T).T.astype(np.float32), err
 
 
-def _norm_scales(g: Gamma, load) -> dict:
-    """{matrix name: s = g'/g} for every matrix fed by a norm whose gamma is nonzero; `load(name)` gives
-    a base tensor's values."""
-    scales = {}
+def _norm_scales(g: Gamma, load) -> tuple[dict, list]:
+    """({matrix name: s = g'/g} for every matrix fed by a norm whose gamma is nonzero, [those norms' GGUF
+    names]); `load(name)` gives a base tensor's values."""
+    scales, folded = {}, []
     for name, entry in g.tensors.items():
         if len(entry.shape) != 1 or not np.any(entry.dense()):
             continue
@@ -124,7 +124,8 @@ def _norm_scales(g: Gamma, load) -> dict:
         s = np.divide(new, base, out=np.ones_like(base), where=base != 0)
         for m in norm_feeds(name):
             scales[m] = s
-    return scales
+        folded.append(gguf_name(name))
+    return scales, folded
 
 
 def plan_adapter(g: Gamma, config, base_shapes: dict, load, max_rank: int | None = None) -> tuple[list, list, dict]:
@@ -139,8 +140,7 @@ def plan_adapter(g: Gamma, config, base_shapes: dict, load, max_rank: int | None
         if base_shapes[name] != entry.shape:
             raise ValueError(f"base GGUF tensor {gguf_name(name)} has shape {list(base_shapes[name])} "
                              f"(vocabulary rows padded), the gamma's is {list(entry.shape)}")
-    scales = _norm_scales(g, load)
-    folded = [gguf_name(n) for n, e in g.tensors.items() if len(e.shape) == 1 and np.any(e.dense())]
+    scales, folded = _norm_scales(g, load)
     pairs, errors = [], {}
     for name, shape in base_shapes.items():
         entry = g.tensors.get(name)
