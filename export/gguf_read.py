@@ -25,6 +25,7 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -120,11 +121,9 @@ def config_from_gguf(reader, source: str) -> LlamaConfig:
     return config
 
 
-def read_state(reader, config: LlamaConfig, source: str) -> dict[str, np.ndarray]:
-    """{nanollama name: float32 [out, in]} with Q/K un-permuted and vocab rows padded to padded_vocab."""
-    from gguf import quants
-
-    state: dict[str, np.ndarray] = {}
+def _checked_tensors(reader, config: LlamaConfig, source: str):
+    """(nanollama name, reader tensor, numpy shape) for each tensor of the file, in file order; its name,
+    layer and shape checked against the metadata."""
     for t in reader.tensors:
         name = nanollama_name(t.name)
         if name is None:
@@ -138,21 +137,42 @@ def read_state(reader, config: LlamaConfig, source: str) -> dict[str, np.ndarray
         if shape != want:
             raise ValueError(f"{source}: tensor {t.name} has shape {list(shape)}, expected {list(want)} "
                              "from the metadata")
-        try:
-            a = quants.dequantize(t.data, t.tensor_type)
-        except NotImplementedError:
-            raise ValueError(f"{source}: tensor {t.name} has type {t.tensor_type.name}, which gguf-py cannot "
-                             "dequantize") from None
-        a = np.asarray(a, dtype=np.float32).reshape(shape)
-        if name.endswith("attn.c_q.weight"):
-            a = unpermute_qk(a, config.n_head)
-        elif name.endswith("attn.c_k.weight"):
-            a = unpermute_qk(a, config.n_kv_head)
-        if name in VOCAB_TENSORS and config.padded_vocab > a.shape[0]:
-            a = np.concatenate([a, np.zeros((config.padded_vocab - a.shape[0], a.shape[1]), np.float32)])
-        state[name] = a
+        yield name, t, shape
+
+
+def _dequantized(t, name: str, shape: tuple, config: LlamaConfig, source: str) -> np.ndarray:
+    """One tensor as float32 [out, in], Q/K un-permuted, vocab rows padded to padded_vocab."""
+    from gguf import quants
+
+    try:
+        a = quants.dequantize(t.data, t.tensor_type)
+    except NotImplementedError:
+        raise ValueError(f"{source}: tensor {t.name} has type {t.tensor_type.name}, which gguf-py cannot "
+                         "dequantize") from None
+    a = np.asarray(a, dtype=np.float32).reshape(shape)
+    if name.endswith("attn.c_q.weight"):
+        a = unpermute_qk(a, config.n_head)
+    elif name.endswith("attn.c_k.weight"):
+        a = unpermute_qk(a, config.n_kv_head)
+    padded = _padded(name, shape, config)
+    if padded != shape:
+        a = np.concatenate([a, np.zeros((padded[0] - shape[0], shape[1]), np.float32)])
+    return a
+
+
+def _padded(name: str, shape: tuple, config: LlamaConfig) -> tuple:
+    """The shape `_dequantized` gives a tensor of file shape `shape`."""
+    if name in VOCAB_TENSORS and config.padded_vocab > shape[0]:
+        return (config.padded_vocab, *shape[1:])
+    return shape
+
+
+def _untied_and_complete(state: dict, config: LlamaConfig, source: str) -> None:
+    """Tied embeddings get their output.weight (a copy of the embedding's entry: its array or its shape);
+    a missing tensor is refused."""
     if "output.weight" not in state and "tok_embeddings.weight" in state:  # tied embeddings: untie
-        state["output.weight"] = state["tok_embeddings.weight"].copy()
+        emb = state["tok_embeddings.weight"]
+        state["output.weight"] = emb.copy() if isinstance(emb, np.ndarray) else emb
     for i in range(config.n_layer):  # name the first missing tensor in llama.cpp's terms
         for n in ("tok_embeddings.weight", f"layers.{i}.attn_norm.weight", f"layers.{i}.attn.c_q.weight",
                   f"layers.{i}.attn.c_k.weight", f"layers.{i}.attn.c_v.weight", f"layers.{i}.attn.c_proj.weight",
@@ -160,7 +180,33 @@ def read_state(reader, config: LlamaConfig, source: str) -> dict[str, np.ndarray
                   f"layers.{i}.ffn.up_proj.weight", f"layers.{i}.ffn.down_proj.weight", "norm.weight"):
             if n not in state:
                 raise ValueError(f"{source}: tensor {gguf_name(n)} is missing")
+
+
+def read_state(reader, config: LlamaConfig, source: str) -> dict[str, np.ndarray]:
+    """{nanollama name: float32 [out, in]} with Q/K un-permuted and vocab rows padded to padded_vocab."""
+    state: dict[str, np.ndarray] = {}
+    for name, t, shape in _checked_tensors(reader, config, source):
+        state[name] = _dequantized(t, name, shape, config, source)
+    _untied_and_complete(state, config, source)
     return state
+
+
+def state_shapes(reader, config: LlamaConfig, source: str) -> tuple[dict[str, tuple], Callable[[str], np.ndarray]]:
+    """({nanollama name: shape}, load) without dequantizing anything: the names, order and shapes
+    `read_state` would give (checked the same way), and load(name) → that one tensor as `read_state` gives
+    it, for callers that need the values of only a few."""
+    shapes, tensors = {}, {}
+    for name, t, shape in _checked_tensors(reader, config, source):
+        shapes[name], tensors[name] = _padded(name, shape, config), (t, shape)
+    _untied_and_complete(shapes, config, source)
+
+    def load(name: str) -> np.ndarray:
+        if name not in tensors:  # output.weight of tied embeddings
+            name = "tok_embeddings.weight"
+        t, shape = tensors[name]
+        return _dequantized(t, name, shape, config, source)
+
+    return shapes, load
 
 
 def sentencepiece_from_gguf(reader, source: str) -> bytes:

@@ -66,7 +66,7 @@ def norm_feeds(name: str) -> tuple[str, ...]:
 
 def _factors(entry) -> tuple[np.ndarray, np.ndarray]:
     """(B [out, r], A [r, in]) with B @ A == the delta (nanollama [out, in] orientation)."""
-    if entry is not None and entry.kind == "lowrank":
+    if entry.kind == "lowrank":
         return entry.b.astype(np.float32), entry.a.astype(np.float32)
     return _full_rank(entry.dense())
 
@@ -107,13 +107,14 @@ def _truncate(b: np.ndarray, a: np.ndarray, rank: int) -> tuple[np.ndarray, np.n
     return ((qb @ u[:, :rank]) * sv[:rank]).astype(np.float32), (qa @ vt[:rank].T).T.astype(np.float32), err
 
 
-def _norm_scales(g: Gamma, base_state: dict) -> dict:
-    """{matrix name: s = g'/g} for every matrix fed by a norm whose gamma is nonzero."""
-    scales = {}
+def _norm_scales(g: Gamma, load) -> tuple[dict, list]:
+    """({matrix name: s = g'/g} for every matrix fed by a norm whose gamma is nonzero, [those norms' GGUF
+    names]); `load(name)` gives a base tensor's values."""
+    scales, folded = {}, []
     for name, entry in g.tensors.items():
         if len(entry.shape) != 1 or not np.any(entry.dense()):
             continue
-        base = base_state[name].astype(np.float32)
+        base = load(name).astype(np.float32)
         new = base + entry.dense()
         bad = np.flatnonzero((base == 0) & (new != 0))
         if len(bad):
@@ -123,28 +124,30 @@ def _norm_scales(g: Gamma, base_state: dict) -> dict:
         s = np.divide(new, base, out=np.ones_like(base), where=base != 0)
         for m in norm_feeds(name):
             scales[m] = s
-    return scales
+        folded.append(gguf_name(name))
+    return scales, folded
 
 
-def plan_adapter(g: Gamma, config, base_state: dict, max_rank: int | None = None) -> tuple[list, list, dict]:
+def plan_adapter(g: Gamma, config, base_shapes: dict, load, max_rank: int | None = None) -> tuple[list, list, dict]:
     """([(state-dict name, gguf name, B, A)], [norms folded], {gguf name: relative error of truncation});
-    norm changes folded into the matrices they feed; ranks above `max_rank` truncated."""
-    missing = [n for n in g.tensors if n not in base_state]
+    norm changes folded into the matrices they feed; ranks above `max_rank` truncated. `base_shapes`
+    ({name: shape}, in state-dict order) and `load(name)` (its values) describe the base: only the norms
+    that changed and the matrices they feed are loaded."""
+    missing = [n for n in g.tensors if n not in base_shapes]
     if missing:
         raise ValueError(f"the base GGUF lacks tensor(s) for {', '.join(gguf_name(n) for n in missing[:5])}")
     for name, entry in g.tensors.items():
-        if base_state[name].shape != entry.shape:
-            raise ValueError(f"base GGUF tensor {gguf_name(name)} has shape {list(base_state[name].shape)} "
+        if base_shapes[name] != entry.shape:
+            raise ValueError(f"base GGUF tensor {gguf_name(name)} has shape {list(base_shapes[name])} "
                              f"(vocabulary rows padded), the gamma's is {list(entry.shape)}")
-    scales = _norm_scales(g, base_state)
-    folded = [gguf_name(n) for n, e in g.tensors.items() if len(e.shape) == 1 and np.any(e.dense())]
+    scales, folded = _norm_scales(g, load)
     pairs, errors = [], {}
-    for name in base_state:
+    for name, shape in base_shapes.items():
         entry = g.tensors.get(name)
-        if base_state[name].ndim < 2 or (entry is None and name not in scales):
+        if len(shape) < 2 or (entry is None and name not in scales):
             continue
         if name in scales:
-            b, a = _folded(entry, base_state[name], scales[name])
+            b, a = _folded(entry, load(name), scales[name])
         else:
             b, a = _factors(entry)
         if max_rank is not None and b.shape[1] > max_rank:
@@ -165,7 +168,7 @@ def write_lora(g: Gamma, base_gguf, output, dtype: str = "f32", name: str | None
                max_rank: int | None = None) -> dict:
     import gguf
 
-    from export.gguf_read import config_from_gguf, open_gguf, read_state
+    from export.gguf_read import config_from_gguf, open_gguf, state_shapes
 
     base_gguf = Path(base_gguf)
     reader = open_gguf(base_gguf)
@@ -183,7 +186,7 @@ def write_lora(g: Gamma, base_gguf, output, dtype: str = "f32", name: str | None
         raise ValueError(f"cannot export: gamma {g.source} vs base {base_gguf}: " + ", ".join(diffs))
     if max_rank is not None and max_rank < 1:
         raise ValueError(f"--max-rank must be >= 1, got {max_rank}")
-    pairs, folded, errors = plan_adapter(g, config, read_state(reader, config, str(base_gguf)), max_rank)
+    pairs, folded, errors = plan_adapter(g, config, *state_shapes(reader, config, str(base_gguf)), max_rank)
     if not pairs:
         raise ValueError(f"{g.source}: the gamma has no nonzero matrix delta to carry")
     alpha = max(b.shape[1] for _, _, b, _ in pairs)

@@ -211,18 +211,16 @@ class ChatValidation:
 
 def initial_state(setup, base: checkpoint.Run, added: int):
     """(params, opt_state) from the base's weights, the vocabulary grown by the added chat tokens."""
-    config = setup.config
-    if added:
-        _, params = checkpoint.load_params(base.dir, base.step)
-        params = grow_vocab(params, base.config.vocab_size, config)
-        shardings = setup.param_shardings["base"] if "base" in setup.param_shardings else setup.param_shardings
-        params = jax.device_put(params, shardings)
+    shardings = setup.param_shardings["base"] if "base" in setup.param_shardings else setup.param_shardings
+    if added:  # loaded spread over the mesh in the base's shapes, then grown and placed in the new ones
+        _, params = checkpoint.load_params(base.dir, base.step,
+                                           shardings=sharding.param_shardings(base.config, setup.mesh))
+        params = jax.device_put(grow_vocab(params, base.config.vocab_size, setup.config), shardings)
     else:
-        shardings = setup.param_shardings["base"] if "base" in setup.param_shardings else setup.param_shardings
         params = checkpoint.load_params(base.dir, base.step, shardings=shardings)[1]
     if "lora" in setup.param_shapes:
         return setup.init_state(params)
-    return params, jax.jit(setup.optimizer.init, out_shardings=setup.opt_shardings)(params)
+    return setup.state_from(params)
 
 
 def merge_lora(setup, lora_run: checkpoint.Run, final_dir: Path, sections: dict) -> None:

@@ -112,6 +112,10 @@ class TrainingSetup:
             params = sharding.init_sharded(self.config, self.mesh, self.plan.seed, self.param_shardings)
         else:
             params = checkpoint.load_params(init_from.dir, init_from.step, shardings=self.param_shardings)[1]
+        return self.state_from(params)
+
+    def state_from(self, params):
+        """(params, a fresh opt_state for them, born sharded): the start of training from given weights."""
         return params, jax.jit(self.optimizer.init, out_shardings=self.opt_shardings)(params)
 
     def restore(self, mgr, step: int):

@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from .encodings import index_dtype
+
 SPARSE_POINTS = 512  # the sparse curve is sampled at this many entry counts (geometric), enough for a knapsack
-
-
-def _index_bytes(size: int) -> int:
-    return 2 if size <= 2**16 else 4 if size <= 2**32 else 8
 
 
 def _curves(a: np.ndarray, value_bytes: int):
@@ -32,7 +30,7 @@ def _curves(a: np.ndarray, value_bytes: int):
     sq = np.sort(np.square(a).ravel())[::-1]
     n = np.unique(np.concatenate([[0], np.geomspace(1, sq.size, SPARSE_POINTS).astype(np.int64)]))
     csum = np.concatenate([[0.0], np.cumsum(sq)])
-    sp = ("entries", n, csum[n], n * (value_bytes + _index_bytes(a.size)))
+    sp = ("entries", n, csum[n], n * (value_bytes + np.dtype(index_dtype(a.size)).itemsize))
     dense = ("dense", np.array([1]), np.array([float(csum[-1])]), np.array([4 * a.size]))
     return [lr, sp, dense]
 

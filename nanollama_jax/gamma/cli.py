@@ -160,7 +160,7 @@ def _cmd_compress(a):
         if report_wanted:
             bar = Progress(sum(len(e.shape) > 1 for e in g.tensors.values()), desc="pricing matrices by the loss",
                            unit="matrix")
-            weights = sensitivities(base, pers, g, rb.config, loss_fn, bar)
+            weights = sensitivities(pers, g, rb.config, loss_fn, bar)
             bar.close()
         else:
             print("note: no --base/--data: the budget is shared by ‖γ‖² alone, not weighted by the loss, and no "

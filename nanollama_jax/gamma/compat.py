@@ -49,12 +49,8 @@ class Side:
     shapes: dict  # name -> shape
 
 
-def run_side(label, run, state=None) -> Side:
-    if state is not None:
-        shapes = {k: tuple(v.shape) for k, v in state.items()}
-    else:
-        shapes = state_dict_shapes(run.config)
-    return Side(label, run.config, run.info.get("tokenizer_sha256"), shapes)
+def run_side(label, run) -> Side:
+    return Side(label, run.config, run.info.get("tokenizer_sha256"), state_dict_shapes(run.config))
 
 
 def gamma_side(label, g: Gamma) -> Side:

@@ -167,8 +167,7 @@ def personality_loss_fn(config: LlamaConfig, data_dir, seq_len: int, batch_size:
     return fn
 
 
-def sensitivities(base_state: dict, pers_state: dict, g: Gamma, config: LlamaConfig, loss_fn,
-                  progress=None) -> dict:
+def sensitivities(pers_state: dict, g: Gamma, config: LlamaConfig, loss_fn, progress=None) -> dict:
     """{matrix name: loss per unit of ‖γ‖²}: how much the personality's loss rises when that matrix's
     gamma alone is left out, divided by the matrix's ‖γ‖² (the embedding's delta, spread over rows of
     rare tokens, can be large and matter little; the head's the other way round). Floors at a small
@@ -180,11 +179,12 @@ def sensitivities(base_state: dict, pers_state: dict, g: Gamma, config: LlamaCon
     for k, e in g.tensors.items():
         if len(e.shape) < 2:
             continue
-        energy = float(np.sum(np.square(e.dense(), dtype=np.float64)))
+        d = e.dense()
+        energy = float(np.sum(np.square(d, dtype=np.float64)))
         if not energy:
             continue
         without = dict(pers_state)
-        without[k] = np.asarray(pers_state[k], np.float32) - e.dense()
+        without[k] = np.asarray(pers_state[k], np.float32) - d
         out[k] = max(loss_fn(from_state_dict(without, config)) - lp, 0.0) / energy
         if progress is not None:
             progress.update()

@@ -41,6 +41,11 @@ class LowRank:
         return {f"{key}.lora_b": self.b, f"{key}.lora_a": self.a}
 
 
+def index_dtype(size: int) -> type:
+    """The smallest unsigned type that addresses every position of a tensor of `size` entries."""
+    return np.uint16 if size <= 2**16 else np.uint32 if size <= 2**32 else np.uint64
+
+
 class Sparse:
     """Flat positions and their values; everything else zero."""
     kind = "sparse"
@@ -48,8 +53,7 @@ class Sparse:
     def __init__(self, shape, index, value, dtype=None):
         self.shape = tuple(int(s) for s in shape)
         size = int(np.prod(self.shape))
-        # positions in the smallest unsigned type that addresses the whole tensor
-        self.index = np.asarray(index, dtype=np.uint16 if size <= 2**16 else np.uint32 if size <= 2**32 else np.uint64)
+        self.index = np.asarray(index, dtype=index_dtype(size))
         dtype = np.dtype(dtype or (np.float16 if np.asarray(value).dtype == np.float16 else np.float32))
         self.value = np.asarray(value, dtype=dtype)
 

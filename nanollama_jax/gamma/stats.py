@@ -16,10 +16,14 @@ def _cos(a, b) -> float:
 
 
 def stats(g: Gamma, base_state: dict | None = None, ref_delta: dict | None = None) -> dict:
-    rows = []
+    rows, layers = [], {}
     for k, e in g.tensors.items():
         d = e.dense().astype(np.float64)
         row = {"tensor": k, "shape": list(e.shape), "norm": float(np.linalg.norm(d)), "encoding": e.kind}
+        i, _ = layer_of(k)
+        key = "top" if i is None else i
+        agg = layers.setdefault(key, {"layer": key, "sq": 0.0, "ref_sq": 0.0, "dot": 0.0})
+        agg["sq"] += row["norm"] ** 2
         if base_state is not None:
             row["base_norm"] = float(np.linalg.norm(base_state[k]))
             row["relative"] = row["norm"] / row["base_norm"] if row["base_norm"] else float("nan")
@@ -27,20 +31,9 @@ def stats(g: Gamma, base_state: dict | None = None, ref_delta: dict | None = Non
             r = ref_delta[k].astype(np.float64)
             row["ref_norm"] = float(np.linalg.norm(r))
             row["cosine"] = _cos(d, r)
+            agg["ref_sq"] += float(r.ravel() @ r.ravel())
+            agg["dot"] += float(d.ravel() @ r.ravel())
         rows.append(row)
-    layers = {}
-    for row in rows:
-        i, _ = layer_of(row["tensor"])
-        key = "top" if i is None else i
-        agg = layers.setdefault(key, {"layer": key, "sq": 0.0, "ref_sq": 0.0, "dot": 0.0})
-        agg["sq"] += row["norm"] ** 2
-    if ref_delta is not None:
-        for k, e in g.tensors.items():
-            i, _ = layer_of(k)
-            agg = layers["top" if i is None else i]
-            d, r = e.dense().astype(np.float64).ravel(), ref_delta[k].astype(np.float64).ravel()
-            agg["ref_sq"] += float(r @ r)
-            agg["dot"] += float(d @ r)
     per_layer = []
     for agg in layers.values():
         out = {"layer": agg["layer"], "norm": agg["sq"] ** 0.5}
