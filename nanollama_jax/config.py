@@ -99,6 +99,8 @@ class LlamaConfig:
 
 
 REMAT_POLICIES = ("none", "dots", "qkv", "full")
+# The --dtype choices of every command; float16 is offered so that asking for it is told why not.
+DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 ATTENTION_KINDS = ("auto", "xla", "cudnn")
 
 

@@ -25,10 +25,9 @@ from pathlib import Path
 import jax
 
 from . import sharding
-from .config import LlamaConfig
+from .config import DTYPE_CHOICES, LlamaConfig
 from .model import Params
 
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass
@@ -69,15 +68,13 @@ def load_any(path: str | Path, mesh, *, tokenizer: str | None = None, dtype: str
     run = checkpoint.open_run(path)
     if run.step is None:
         raise ValueError(f"{run.dir}: the run has no checkpoint yet")
-    config = run.config
+    config = dataclasses.replace(run.config, dtype=dtype) if dtype else run.config  # refused before any loading
     _, params = checkpoint.load_params(run.dir, run.step, shardings=sharding.param_shardings(config, mesh))
     tok = Path(tokenizer) if tokenizer else run.tokenizer_path
     sp = _sentencepiece(tok, str(tok))
     if sp.get_piece_size() != config.vocab_size:
         raise ValueError(f"{path}: the tokenizer has {sp.get_piece_size()} pieces but the model's vocabulary "
                          f"is {config.vocab_size}")
-    if dtype:
-        config = dataclasses.replace(config, dtype=dtype)
     return LoadedModel(config, params, sp, {"kind": "run", "path": str(run.dir.resolve()), "step": run.step})
 
 
@@ -124,7 +121,7 @@ def main(argv=None):
                         "summed log-likelihood (lm-evaluation-harness acc)")
     p.add_argument("--batch-size", type=int, default=16, help="rows per device and forward pass (fewer for long rows)")
     p.add_argument("--mesh", help="FSDPxTENSOR device mesh, e.g. 4x1 (default: all devices on fsdp)")
-    p.add_argument("--dtype", choices=DTYPES, help="compute dtype (default: the model's)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, help="compute dtype (default: the model's)")
     p.add_argument("--tokenizer", help="a SentencePiece tokenizer.model to use instead of the model's own")
     p.add_argument("--details", action="store_true", help="record every item's gold, prediction and option scores")
     p.add_argument("--output", help="results JSON (default: RUN/eval/step_N.json)")

@@ -34,6 +34,7 @@ from nanollama_base.cli import ArgumentParser, run_cli
 from nanollama_base.files import atomic_dir, atomic_path, sha256_file
 
 from . import checkpoint, sharding
+from .config import DTYPE_CHOICES
 from .loop import Schedule, log, train_loop
 from .model import forward
 from .train import non_negative_int, positive_float, positive_int
@@ -69,7 +70,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--val-every", type=non_negative_int, default=10,
                    help="hold out every Nth conversation for validation (default 10; 0 = none)")
     p.add_argument("--mesh", help="FSDPxTENSOR device mesh (default: all devices on fsdp)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="compute dtype")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, help="compute dtype")
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--eval-every", type=positive_int, help="validation every N steps (default: 10 times per run)")

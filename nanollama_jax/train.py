@@ -27,7 +27,7 @@ import jax
 from nanollama_base.cli import ArgumentParser, run_cli
 
 from . import checkpoint, sharding, xla_flags
-from .config import REMAT_POLICIES, load_size, size_names
+from .config import DTYPE_CHOICES, REMAT_POLICIES, load_size, size_names
 from .loop import Schedule, log, train_loop
 from .memory_fit import GIB, fit_report
 from .plan import resume_changes
@@ -73,7 +73,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--vocab-size", type=positive_int, help="with --dry-run: vocabulary to size the model for")
     p.add_argument("--optimizer", choices=("muon", "adamw"), default="muon")
     p.add_argument("--lr-scale", type=positive_float, default=1.0, help="multiplies every group's learning rate")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+    p.add_argument("--dtype", choices=DTYPE_CHOICES,
                    help="compute dtype (default bf16 on GPU/TPU, fp32 on CPU)")
     p.add_argument("--remat", choices=REMAT_POLICIES, help="activation rematerialisation policy (default: qkv with "
                    "bfloat16, the accelerator default that fits every size in 80 GB; none with float32)")
