@@ -58,3 +58,16 @@ def text_data(tmp_path_factory):
     subprocess.run([sys.executable, "-m", "data.prepare", "--input", str(src), "--output", str(out),
                     "--vocab-size", "512", "--quiet"], check=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer_file(tmp_path_factory):
+    """A 448-piece tokenizer (its last three pieces the chat tokens) trained once for the chat, LoRA and
+    SFT tests on the first 60 built-in documents; tests that use it set VOCAB = 448."""
+    import itertools
+
+    from data import builtin, tokenizer
+
+    path = tmp_path_factory.mktemp("chat_tok") / "tokenizer.model"
+    path.write_bytes(tokenizer.train(list(itertools.islice(builtin.documents(), 60)), 448))
+    return path

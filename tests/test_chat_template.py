@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from data import builtin, tokenizer
+from data import builtin
 from data.chat import CHAT_TEMPLATE, CHAT_TOKENS, END_OF_TURN, ChatError, add_chat_tokens, render
 from export.gguf import write_gguf
 from nanollama_jax import model as M
 from nanollama_jax.config import LlamaConfig
 from native import llama_cpp_chat_ids, llama_cpp_tokenize
 
-VOCAB = 448
+VOCAB = 448  # the size of conftest's chat_tokenizer_file
 CONVERSATIONS = [
     [{"role": "user", "content": "What does json.dumps do?"}],
     [{"role": "system", "content": "  You answer briefly.\n"},
@@ -27,23 +27,16 @@ CONVERSATIONS = [
 
 
 @pytest.fixture(scope="module")
-def tok_file(tmp_path_factory):
-    docs = list(itertools.islice(builtin.documents(), 60))
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
-    path.write_bytes(tokenizer.train(docs, VOCAB))
-    return path
-
-
-@pytest.fixture(scope="module")
-def gguf(tok_file, tmp_path_factory):
+def gguf(chat_tokenizer_file, tmp_path_factory):
     config = LlamaConfig(n_layer=1, n_embd=64, n_head=2, n_kv_head=2, vocab_size=VOCAB, sequence_len=128)
     out = tmp_path_factory.mktemp("gguf") / "m.gguf"
-    write_gguf(jax.tree_util.tree_map(np.asarray, M.init_params(config, 0)), config, tok_file, out, progress=False)
+    write_gguf(jax.tree_util.tree_map(np.asarray, M.init_params(config, 0)), config, chat_tokenizer_file, out,
+               progress=False)
     return out
 
 
-def test_trained_tokenizer_has_the_chat_tokens_last_as_control_pieces(tok_file):
-    sp = spm.SentencePieceProcessor(model_file=str(tok_file))
+def test_trained_tokenizer_has_the_chat_tokens_last_as_control_pieces(chat_tokenizer_file):
+    sp = spm.SentencePieceProcessor(model_file=str(chat_tokenizer_file))
     assert sp.get_piece_size() == VOCAB
     assert [sp.id_to_piece(i) for i in range(VOCAB - 3, VOCAB)] == list(CHAT_TOKENS)
     assert all(sp.is_control(i) for i in range(VOCAB - 3, VOCAB))
@@ -52,11 +45,11 @@ def test_trained_tokenizer_has_the_chat_tokens_last_as_control_pieces(tok_file):
     assert not set(sp.encode(text)) & set(range(VOCAB - 3, VOCAB))  # never produced from text
 
 
-def test_an_old_tokenizer_is_extended_without_changing_ordinary_ids(tok_file):
+def test_an_old_tokenizer_is_extended_without_changing_ordinary_ids(chat_tokenizer_file):
     from sentencepiece import sentencepiece_model_pb2 as pb
 
     proto = pb.ModelProto()
-    proto.ParseFromString(tok_file.read_bytes())
+    proto.ParseFromString(chat_tokenizer_file.read_bytes())
     del proto.pieces[-3:]  # a tokenizer from before the chat tokens
     old = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
     new = spm.SentencePieceProcessor(model_proto=add_chat_tokens(proto.SerializeToString()))
@@ -69,11 +62,11 @@ def test_an_old_tokenizer_is_extended_without_changing_ordinary_ids(tok_file):
 
 
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
-def test_renderer_equals_llama_cpp_formatting(tok_file, gguf, add_generation_prompt):
+def test_renderer_equals_llama_cpp_formatting(chat_tokenizer_file, gguf, add_generation_prompt):
     from gguf import GGUFReader
 
     assert GGUFReader(gguf).fields["tokenizer.chat_template"].contents() == CHAT_TEMPLATE
-    sp = spm.SentencePieceProcessor(model_file=str(tok_file))
+    sp = spm.SentencePieceProcessor(model_file=str(chat_tokenizer_file))
     ours = [render(sp, c, add_generation_prompt)[0] for c in CONVERSATIONS]
     theirs = llama_cpp_chat_ids(gguf, [{"messages": c, "add_generation_prompt": add_generation_prompt}
                                        for c in CONVERSATIONS])
@@ -82,7 +75,7 @@ def test_renderer_equals_llama_cpp_formatting(tok_file, gguf, add_generation_pro
 
 
 
-def test_gguf_keeps_the_chat_tokens_as_control(gguf, tok_file):
+def test_gguf_keeps_the_chat_tokens_as_control(gguf, chat_tokenizer_file):
     from gguf import GGUFReader, TokenType
 
     r = GGUFReader(gguf)
@@ -96,40 +89,40 @@ def test_gguf_keeps_the_chat_tokens_as_control(gguf, tok_file):
     assert not set(llama_cpp_tokenize(gguf, ["<|eot_id|> hi"])[0]) & {tokens.index(t) for t in CHAT_TOKENS}
 
 
-def test_gguf_read_back_keeps_the_chat_tokens(gguf, tok_file):
+def test_gguf_read_back_keeps_the_chat_tokens(gguf, chat_tokenizer_file):
     from export.gguf_read import read_gguf
 
     _, _, model = read_gguf(gguf)
     sp = spm.SentencePieceProcessor(model_proto=model)
     assert all(sp.is_control(sp.piece_to_id(t)) for t in CHAT_TOKENS)
-    assert render(sp, CONVERSATIONS[1], True) == render(spm.SentencePieceProcessor(model_file=str(tok_file)),
+    assert render(sp, CONVERSATIONS[1], True) == render(spm.SentencePieceProcessor(model_file=str(chat_tokenizer_file)),
                                                          CONVERSATIONS[1], True)
 
 
 @pytest.mark.parametrize("fast", [False, True])
-def test_hf_export_renders_the_same_ids_in_transformers(tok_file, tmp_path, fast):
+def test_hf_export_renders_the_same_ids_in_transformers(chat_tokenizer_file, tmp_path, fast):
     from transformers import AutoTokenizer
 
     from export.hf import save_hf
 
     config = LlamaConfig(n_layer=1, n_embd=64, n_head=2, n_kv_head=2, vocab_size=VOCAB, sequence_len=128)
-    save_hf(jax.tree_util.tree_map(np.asarray, M.init_params(config, 0)), config, tmp_path / "hf", tok_file)
+    save_hf(jax.tree_util.tree_map(np.asarray, M.init_params(config, 0)), config, tmp_path / "hf", chat_tokenizer_file)
     hf = AutoTokenizer.from_pretrained(tmp_path / "hf", use_fast=fast)
-    sp = spm.SentencePieceProcessor(model_file=str(tok_file))
+    sp = spm.SentencePieceProcessor(model_file=str(chat_tokenizer_file))
     for conv in CONVERSATIONS:
         theirs = hf.apply_chat_template(conv, add_generation_prompt=True, tokenize=True)
         theirs = theirs["input_ids"] if not isinstance(theirs, list) else theirs
         assert list(theirs) == render(sp, conv, True)[0]
 
 
-def test_prepare_with_an_old_tokenizer_appends_the_chat_tokens(tok_file, tmp_path):
+def test_prepare_with_an_old_tokenizer_appends_the_chat_tokens(chat_tokenizer_file, tmp_path):
     from sentencepiece import sentencepiece_model_pb2 as pb
 
     from data.prepare import prepare
     from nanollama_base.shards import load_meta
 
     proto = pb.ModelProto()
-    proto.ParseFromString(tok_file.read_bytes())
+    proto.ParseFromString(chat_tokenizer_file.read_bytes())
     del proto.pieces[-3:]
     (tmp_path / "old.model").write_bytes(proto.SerializeToString())
     text = "\n".join(itertools.islice(builtin.documents(), 5))

@@ -22,13 +22,6 @@ from nanollama_jax.scoring import bits_per_byte, evaluate_tasks, text_windows, t
 VOCAB = 512  # a multiple of 64: no padded rows, whose logits HF would see as 0 instead of masked
 
 
-def needs(module: str):
-    try:
-        return __import__(module)
-    except ImportError:
-        pytest.fail(f"{module} is not installed; run `bash scripts/setup.sh test`", pytrace=False)
-
-
 @pytest.fixture(scope="module")
 def tokenizer_file(tmp_path_factory):
     from data import builtin, tokenizer
@@ -316,7 +309,6 @@ CROSS_ITEMS = [{"query": q, "choices": c, "gold": g} for q, c, g in [
 def test_accuracy_equals_lm_evaluation_harness(tmp_path, tokenizer_file, sp, config, params):
     """Our per-item choices with summed log-likelihood scoring equal lm_eval's `acc` choices, run offline
     through its HF model on the HF export of the same weights and a local task file."""
-    needs("lm_eval")
     from export.hf import save_hf
 
     save_hf(params, config, tmp_path / "hf", tokenizer_file)

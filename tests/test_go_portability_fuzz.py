@@ -4,19 +4,14 @@ GGUF reader survives a bounded native fuzzing run (FuzzReadGGUF: reader -> model
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-GO_DIR = Path(__file__).resolve().parents[1] / "go"
-
-
-def go_bin() -> str:
-    go = shutil.which("go")
-    assert go, "the Go toolchain is required: run `bash scripts/setup.sh test`"
-    return go
+sys.path.insert(0, str(Path(__file__).parent))
+import go_fixtures as F  # noqa: E402
 
 
 @pytest.mark.parametrize("target", ["linux/amd64", "linux/arm64", "darwin/arm64", "windows/amd64"])
@@ -24,7 +19,7 @@ def test_cross_compiles(target, tmp_path):
     goos, goarch = target.split("/")
     env = {**os.environ, "GOOS": goos, "GOARCH": goarch, "CGO_ENABLED": "0"}
     out = tmp_path / ("nanollama.exe" if goos == "windows" else "nanollama")
-    r = subprocess.run([go_bin(), "build", "-o", str(out), "."], cwd=GO_DIR, env=env,
+    r = subprocess.run([F.go_bin(), "build", "-o", str(out), "."], cwd=F.GO_DIR, env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, f"{target}: {r.stderr}"
     magic = out.read_bytes()[:4]
@@ -34,8 +29,8 @@ def test_cross_compiles(target, tmp_path):
 
 def test_fuzz_gguf_reader_bounded_run():
     # Minimisation of an 8 KB input takes long; capping it keeps the run bounded.
-    r = subprocess.run([go_bin(), "test", "-run=^$", "-fuzz=^FuzzReadGGUF$", "-fuzztime=15s",
+    r = subprocess.run([F.go_bin(), "test", "-run=^$", "-fuzz=^FuzzReadGGUF$", "-fuzztime=15s",
                         "-fuzzminimizetime=20x", "-parallel=1", "."],
-                       cwd=GO_DIR, capture_output=True, text=True, timeout=600)
+                       cwd=F.GO_DIR, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, "fuzzing found a failure (input saved under go/testdata/fuzz/):\n" + r.stdout[-4000:]
     assert "execs:" in r.stdout, r.stdout[-2000:]

@@ -1,6 +1,5 @@
 """The HF export declares the real vocabulary: transformers can never sample a padding id, the
 special ids are the tokenizer's, and the import restores the padding rows."""
-import importlib
 import io
 import itertools
 import json
@@ -13,14 +12,6 @@ from nanollama_jax import model as M
 from nanollama_jax.config import LlamaConfig
 
 VOCAB = 970  # padded to 1024: 54 padding ids
-
-
-def require(name: str):
-    """The test extra's module, or one line saying how to install it (never a silent skip)."""
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError:
-        pytest.fail(f"{name} is not installed: run bash scripts/setup.sh test", pytrace=False)
 
 
 def trained_like_params(config, seed=0):
@@ -61,8 +52,8 @@ def test_config_declares_the_real_vocabulary_and_the_tokenizers_ids(exported):
 
 
 def test_transformers_generate_never_emits_a_padding_id(exported):
-    torch = require("torch")
-    LlamaForCausalLM = require("transformers").LlamaForCausalLM
+    import torch
+    from transformers import LlamaForCausalLM
 
     config, params, out = exported
     model = LlamaForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()

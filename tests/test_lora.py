@@ -6,7 +6,6 @@ here are put on every matrix and the embedding, and, in the norm tests, on the n
 the matrices each norm feeds).
 Random weights of a realistic scale stand in for trained ones: the adapter path is what is tested.
 """
-import itertools
 import subprocess
 import sys
 
@@ -21,17 +20,7 @@ from nanollama_jax.config import LlamaConfig
 from nanollama_jax.statedict import from_state_dict, to_state_dict
 from native import llama_cpp_logits
 
-VOCAB = 448
-
-
-@pytest.fixture(scope="module")
-def tokenizer_file(tmp_path_factory):
-    from data import builtin, tokenizer
-
-    docs = list(itertools.islice(builtin.documents(), 60))
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
-    path.write_bytes(tokenizer.train(docs, VOCAB))
-    return path
+VOCAB = 448  # the size of conftest's chat_tokenizer_file
 
 
 @pytest.fixture(scope="module")
@@ -56,13 +45,13 @@ def _random_state(config, seed, scale):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, config, tokenizer_file):
+def setup(tmp_path_factory, config, chat_tokenizer_file):
     root = tmp_path_factory.mktemp("lora")
     base = _random_state(config, 0, None)
     delta = _random_state(config, 1, 0.3)
     g = G.Gamma({k: G.Dense(v) for k, v in delta.items()}, config)
     G.save_gamma(g, root / "gamma.npz")
-    write_gguf(from_state_dict(base, config), config, tokenizer_file, root / "base.gguf", progress=False)
+    write_gguf(from_state_dict(base, config), config, chat_tokenizer_file, root / "base.gguf", progress=False)
     return root, base, g
 
 
@@ -84,7 +73,7 @@ def _injected_gguf(root, base, g, config, tokenizer_file, name):
     return root / name
 
 
-def test_full_rank_adapter_matches_the_injected_model(setup, config, tokenizer_file):
+def test_full_rank_adapter_matches_the_injected_model(setup, config, chat_tokenizer_file):
     root, base, g = setup
     r = lora_cli(root / "gamma.npz", "--base", root / "base.gguf", "-o", root / "full.gguf")
     assert r.returncode == 0, r.stderr
@@ -98,7 +87,7 @@ def test_full_rank_adapter_matches_the_injected_model(setup, config, tokenizer_f
     names = {t.name: tuple(reversed(t.shape.tolist())) for t in rd.tensors}
     assert names["blk.0.attn_q.weight.lora_a"] == (64, 64) and names["blk.0.attn_k.weight.lora_b"] == (32, 32)
     assert names["blk.1.ffn_down.weight.lora_a"] == (64, 192) and "token_embd.weight.lora_a" in names
-    inj = _injected_gguf(root, base, g, config, tokenizer_file, "injected.gguf")
+    inj = _injected_gguf(root, base, g, config, chat_tokenizer_file, "injected.gguf")
     want = logits(inj, IDS)
     got = logits(root / "base.gguf", IDS, lora=root / "full.gguf")
     plain = logits(root / "base.gguf", IDS)
@@ -108,7 +97,7 @@ def test_full_rank_adapter_matches_the_injected_model(setup, config, tokenizer_f
     assert diff <= 1e-3
 
 
-def test_low_rank_adapter_matches_the_injected_compressed_model(setup, config, tokenizer_file):
+def test_low_rank_adapter_matches_the_injected_compressed_model(setup, config, chat_tokenizer_file):
     root, base, g = setup
     c = G.compress(g, rank=8)
     G.save_gamma(c, root / "r8.npz")
@@ -116,13 +105,13 @@ def test_low_rank_adapter_matches_the_injected_compressed_model(setup, config, t
     assert r.returncode == 0, r.stderr
     assert "rank 8" in r.stdout
     assert (root / "r8.gguf").stat().st_size < 0.5 * (root / "full.gguf").stat().st_size
-    inj = _injected_gguf(root, base, c, config, tokenizer_file, "injected-r8.gguf")
+    inj = _injected_gguf(root, base, c, config, chat_tokenizer_file, "injected-r8.gguf")
     diff = np.abs(logits(root / "base.gguf", IDS, lora=root / "r8.gguf") - logits(inj, IDS)).max()
     print(f"rank 8: max |logit diff| {diff:.2e}")
     assert diff <= 1e-3
 
 
-def test_mixed_float16_and_reference_layout_gammas_export(setup, config, tokenizer_file, tmp_path):
+def test_mixed_float16_and_reference_layout_gammas_export(setup, config, chat_tokenizer_file, tmp_path):
     """Energy-ranked float16 layers, sparse head and embedding (carried densified, full rank), and a gamma
     read from the reference's layout (float16 values, no config): each adapter matches its injected model."""
     root, base, g = setup
@@ -132,7 +121,7 @@ def test_mixed_float16_and_reference_layout_gammas_export(setup, config, tokeniz
     for name in ("mixed", "ref"):
         r = lora_cli(tmp_path / f"{name}.npz", "--base", root / "base.gguf", "-o", tmp_path / f"{name}.gguf")
         assert r.returncode == 0, r.stderr
-        inj = _injected_gguf(tmp_path, base, G.load_gamma(tmp_path / f"{name}.npz"), config, tokenizer_file,
+        inj = _injected_gguf(tmp_path, base, G.load_gamma(tmp_path / f"{name}.npz"), config, chat_tokenizer_file,
                              f"inj-{name}.gguf")
         diff = np.abs(logits(root / "base.gguf", IDS, lora=tmp_path / f"{name}.gguf") - logits(inj, IDS)).max()
         print(f"{name}: max |logit diff| {diff:.2e}")
@@ -161,7 +150,7 @@ def _with_norm_changes(config, tensors, seed=2):
     return t
 
 
-def test_norm_changes_fold_exactly(setup, config, tokenizer_file, tmp_path):
+def test_norm_changes_fold_exactly(setup, config, chat_tokenizer_file, tmp_path):
     """Issue 15: a personality whose norms changed — base GGUF + adapter = the injected model (F32), for a dense
     gamma and for a rank-8 one (few changed positions: rank 8 + 5; changed everywhere: full rank)."""
     root, base, g = setup
@@ -173,8 +162,8 @@ def test_norm_changes_fold_exactly(setup, config, tokenizer_file, tmp_path):
         r = lora_cli(tmp_path / f"{name}.npz", "--base", root / "base.gguf", "-o", tmp_path / f"{name}.gguf")
         assert r.returncode == 0, r.stderr
         assert "folded" in r.stdout and "blk.1.ffn_norm.weight" in r.stdout and r.stderr == ""
-        inj = _injected_gguf(tmp_path, base, normed, config, tokenizer_file, f"inj-{name}.gguf")
-        no_norms = _injected_gguf(tmp_path, base, G.Gamma(gamma.tensors, config), config, tokenizer_file,
+        inj = _injected_gguf(tmp_path, base, normed, config, chat_tokenizer_file, f"inj-{name}.gguf")
+        no_norms = _injected_gguf(tmp_path, base, G.Gamma(gamma.tensors, config), config, chat_tokenizer_file,
                                   f"inj-{name}-nonorm.gguf")
         want = logits(inj, IDS)
         got = logits(root / "base.gguf", IDS, lora=tmp_path / f"{name}.gguf")
@@ -216,24 +205,24 @@ def test_max_rank_truncates_with_the_stated_error(setup, config, tmp_path):
         assert abs(np.linalg.norm(full[k] - r4[k]) / np.linalg.norm(full[k]) - tail) < 1e-4, k
 
 
-def test_a_norm_that_cannot_fold_is_refused(setup, config, tokenizer_file, tmp_path):
+def test_a_norm_that_cannot_fold_is_refused(setup, config, chat_tokenizer_file, tmp_path):
     """A base norm entry of 0 cannot be scaled into a nonzero personality value: one line, nothing written."""
     root, base, g = setup
     zero = dict(base)
     zero["layers.1.ffn_norm.weight"] = base["layers.1.ffn_norm.weight"].copy()
     zero["layers.1.ffn_norm.weight"][7] = 0
-    write_gguf(from_state_dict(zero, config), config, tokenizer_file, tmp_path / "zero.gguf", progress=False)
+    write_gguf(from_state_dict(zero, config), config, chat_tokenizer_file, tmp_path / "zero.gguf", progress=False)
     G.save_gamma(G.Gamma(_with_norm_changes(config, g.tensors), config), tmp_path / "norm.npz")
     r = lora_cli(tmp_path / "norm.npz", "--base", tmp_path / "zero.gguf", "-o", tmp_path / "x.gguf")
     assert r.returncode == 1 and "blk.1.ffn_norm.weight" in r.stderr and "first 7" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.gguf").exists()
 
 
-def test_mismatched_base_is_refused(setup, config, tmp_path, tokenizer_file):
+def test_mismatched_base_is_refused(setup, config, tmp_path, chat_tokenizer_file):
     root, base, g = setup
     wide = LlamaConfig(n_layer=2, n_embd=128, n_head=4, n_kv_head=2, head_dim=16, vocab_size=VOCAB, sequence_len=128,
                        multiple_of=64)
-    write_gguf(M.init_params(wide, 0), wide, tokenizer_file, tmp_path / "wide.gguf", progress=False)
+    write_gguf(M.init_params(wide, 0), wide, chat_tokenizer_file, tmp_path / "wide.gguf", progress=False)
     r = lora_cli(root / "gamma.npz", "--base", tmp_path / "wide.gguf", "-o", tmp_path / "x.gguf")
     assert r.returncode == 1 and "n_embd 64 vs 128" in r.stderr and not (tmp_path / "x.gguf").exists()
 

@@ -253,6 +253,10 @@ def test_a_killed_prepare_leaves_nothing_that_reads_as_complete_and_the_next_run
 # --- 1. the soak test, short: one kill in each phase ---------------------------------------------
 
 def test_soak_four_kills_in_step_save_metrics_and_eval_lose_nothing(tmp_path, text_data):
+    """With seed 1 the plan is eval, step, metrics, save, and all four kills are injected ones
+    (NANOLLAMA_KILL_AT at an exact point): the step and save kills fall on odd turns, which always
+    inject, so this short run has none of the parent's timer or watch kills; benchmarks/soak.py's
+    longer run covers those."""
     result = soak(text_data, tmp_path, kills=4, steps=24, every=4, seed=1, log=lambda _: None)
     assert result["by_phase"] == {"step": 1, "save": 1, "metrics": 1, "eval": 1}, result["kills"]
     assert result["loss_mismatches"] == 0 and result["steps_compared"] == 24 + 6

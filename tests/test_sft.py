@@ -5,8 +5,8 @@ the acceptance: after SFT a held-out question is answered in the trained format 
 the chat CLI), while the base does not. LoRA: the adapter GGUF applied by llama.cpp to the base GGUF
 gives the merged model's logits.
 """
-import itertools
 import json
+import shutil
 import subprocess
 import sys
 
@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from data import builtin, tokenizer
 from data.chat import END_OF_TURN, render
 from nanollama_jax import checkpoint
 from nanollama_jax import model as M
@@ -23,7 +22,7 @@ from nanollama_jax.config import LlamaConfig
 from nanollama_jax.sft import masked_cross_entropy
 from native import llama_cpp_logits
 
-VOCAB = 448
+VOCAB = 448  # the size of conftest's chat_tokenizer_file
 WORDS = ("apple river stone cloud green table light music paper sugar glass horse train water bread chair dream "
          "earth flame grape house juice knife lemon money night ocean piano queen radio").split()
 HELD_OUT = "Say zebra."
@@ -35,11 +34,10 @@ def cli(module, *args, stdin=None):
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
+def root(tmp_path_factory, chat_tokenizer_file):
     """A tokenizer, a random tiny base run and a chat set."""
     root = tmp_path_factory.mktemp("sft")
-    docs = list(itertools.islice(builtin.documents(), 60))
-    (root / "tokenizer.model").write_bytes(tokenizer.train(docs, VOCAB))
+    shutil.copyfile(chat_tokenizer_file, root / "tokenizer.model")
     config = LlamaConfig(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, head_dim=16, vocab_size=VOCAB,
                          sequence_len=96, multiple_of=64)
     checkpoint.write_params_run(root / "runs" / "base", config, jax.tree_util.tree_map(np.asarray, M.init_params(config, 0)),

@@ -236,8 +236,10 @@ def test_the_training_optimizer_clips_the_global_norm_at_one():
     tx = optim.make_optimizer(config, steps=100)
     at_one = step(tx, 1.0)
     assert same(step(tx, 1e6), at_one)  # clipped to norm 1
+    unclipped = optim.make_optimizer(config, steps=100, clip=np.inf)
     assert not same(step(tx, 0.5), at_one)  # below the threshold: untouched
-    assert not same(step(optim.make_optimizer(config, steps=100, clip=np.inf), 1e6), at_one)
+    assert same(step(tx, 0.5), step(unclipped, 0.5))  # ... as the optimizer without clipping leaves it
+    assert not same(step(unclipped, 1e6), at_one)
 
 
 # --- generation ------------------------------------------------------------------------------------
