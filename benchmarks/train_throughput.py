@@ -94,7 +94,7 @@ def torch_stepper(config: LlamaConfig, batches: list[np.ndarray], schedule_steps
 
 
 # What --reference needs from a nanollama checkout: its model module and these names in it.
-REFERENCE_MODULE = "nanollama.model"
+REFERENCE_MODULE = "nanollama.llama"  # v0.1.0 to v0.3.0 alike
 REFERENCE_NAMES = ("LlamaConfig", "Llama")
 
 
@@ -122,8 +122,9 @@ def import_reference(ref_dir: str | Path):
 
 
 def reference_stepper(module, config: LlamaConfig, batches: list[np.ndarray]):
-    """The reference's own PyTorch path: its model (its init) and its optimizers (Muon for the
-    hidden matrices, AdamW for the rest, from its `setup_optimizers`), one step per call."""
+    """The reference's own PyTorch path as its scripts/base_train.py takes it: its model with its
+    init, and its `setup_optimizer` (one MuonAdamW: Muon for the hidden matrices, AdamW for the
+    rest); one step per call."""
     import torch
 
     torch.set_num_threads(THREADS)
@@ -132,19 +133,16 @@ def reference_stepper(module, config: LlamaConfig, batches: list[np.ndarray]):
                                     n_layer=config.n_layer, n_head=config.n_head, n_kv_head=config.n_kv_head,
                                     n_embd=config.n_embd)
     model = module.Llama(ref_config)
-    if hasattr(model, "init_weights"):
-        model.init_weights()
+    model.init_weights()
     model.train()
-    optimizers = model.setup_optimizers()
-    optimizers = list(optimizers) if isinstance(optimizers, (list, tuple)) else [optimizers]
+    optimizer = model.setup_optimizer()
 
     def run(i: int) -> float:
         tokens = torch.from_numpy(batches[i % len(batches)]).long()
         loss = model(tokens[:, :-1], tokens[:, 1:])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        for opt in optimizers:
-            opt.step()
+        optimizer.step()
         model.zero_grad(set_to_none=True)
         return loss.item()
 
@@ -224,8 +222,10 @@ def benchmark(args) -> None:
     (RESULTS / "train_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
     md = ["# Training throughput: JAX vs transformers + AdamW (CPU, fp32)", "",
           f"{os.cpu_count()} CPUs, {THREADS} threads, measured fp32 GEMM peak {gemm / 1e9:.0f} GFLOP/s; "
-          "nano shapes, seq 256, batch 8; the three paths take turns step by step (so other load falls on all "
-          "alike); median step time, compile and first steps excluded.", "",
+          "nano shapes, seq 256, batch 8; the paths take turns step by step (so other load falls on all "
+          "alike); median step time, compile and first steps excluded."
+          + (" nanollama_muon is the reference's own model and MuonAdamW step, imported from --reference."
+             if "nanollama_muon" in speed else ""), "",
           "| path | tok/s | share of GEMM peak | ratio to torch |", "| --- | --- | --- | --- |"]
     for name, row in speed.items():
         md.append(f"| {name} | {row['tokens_per_sec']:.1f} | {100 * row['share_of_gemm_peak']:.0f}% | "

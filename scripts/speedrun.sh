@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole chat path on a laptop CPU, no download: prepare → pretrain tiny → SFT → evaluate → GGUF →
-# a chat answer from the Go engine, then a report card. About 15 minutes on 2 cores.
+# a chat answer from the Go engine, then a report card. About 7.5 minutes on 2 cores (the README shows one).
 #
 #   bash scripts/speedrun.sh                 # everything under ./speedrun/
 #   OUT=/tmp/sr STEPS=300 SFT_STEPS=300 bash scripts/speedrun.sh

@@ -67,6 +67,20 @@ def test_deterministic_adds_its_flags_on_gpu_even_without_the_defaults():
     assert "XLA_FLAGS" not in env  # CPU is deterministic already
 
 
+def test_every_gpu_flag_is_one_xla_knows():
+    """XLA parses XLA_FLAGS against all of its options on any platform and aborts on a name it does
+    not know, so a CPU process checks the GPU flags' names (a made-up one is the control)."""
+    def run(flags):
+        code = "import jax.numpy as jnp; print(float(jnp.ones(3).sum()))"
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                              env={"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(flags)})
+
+    ours = run(X.GPU_FLAGS + X.DETERMINISTIC_GPU_FLAGS)
+    assert ours.returncode == 0 and ours.stdout.strip() == "3.0", ours.stderr[-2000:]
+    made_up = run(("--xla_gpu_enable_made_up_overlap=true",))
+    assert made_up.returncode != 0 and "Unknown flag" in made_up.stderr
+
+
 def test_platform_detection_follows_jax_platforms(monkeypatch):
     monkeypatch.setenv("JAX_PLATFORMS", "cuda,cpu")
     assert X.detect_platform() == "gpu"
