@@ -301,22 +301,31 @@ def forward_hidden(params: Params, tokens: jax.Array, config: LlamaConfig) -> ja
     return Llama(config).apply({"params": params}, tokens, hidden_only=True)
 
 
-def next_token_loss(params: Params, tokens: jax.Array, config: LlamaConfig, chunk: int = LOSS_CHUNK) -> jax.Array:
+def next_token_loss(params: Params, tokens: jax.Array, config: LlamaConfig, chunk: int = LOSS_CHUNK,
+                    mask: jax.Array | None = None) -> jax.Array:
     """Mean cross-entropy of predicting tokens[:, 1:] from tokens[:, :-1], never holding float32
     logits for the whole batch: the output head and the loss run over `chunk` positions at a time
     (all batch rows, so the batch's sharding is kept). Under differentiation each chunk also
     computes its gradients on the spot (`_chunked_loss_sum`), so the backward pass neither stores
-    nor recomputes logits. Equal to `cross_entropy(forward(...))`, value and gradients."""
+    nor recomputes logits. Equal to `cross_entropy(forward(...))`, value and gradients.
+
+    `mask` ([B, T+1] booleans beside `tokens`) limits the mean to the targets it marks (0 when it
+    marks none): SFT's loss on the assistant's tokens only."""
     hidden = forward_hidden(params, tokens[:, :-1], config)
     targets = tokens[:, 1:]
     b, t, d = hidden.shape
     chunk = min(chunk, t)
     n = -(-t // chunk)
     pad = n * chunk - t  # positions past the window count for nothing
-    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, d).swapaxes(0, 1)
-    targets = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, n, chunk).swapaxes(0, 1)
-    weights = jnp.broadcast_to((jnp.arange(n * chunk) < t).reshape(n, 1, chunk), (n, b, chunk)).astype(jnp.float32)
-    return _chunked_loss_sum(hidden, params["output"]["kernel"], targets, weights, config) / (b * t)
+
+    def chunked(x):  # [B, T, …] → [n, B, chunk, …], zero-padded
+        x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+        return x.reshape(b, n, chunk, *x.shape[2:]).swapaxes(0, 1)
+
+    weights = jnp.ones((b, t), jnp.float32) if mask is None else mask[:, 1:].astype(jnp.float32)
+    count = b * t if mask is None else jnp.maximum(jnp.sum(weights), 1.0)
+    return _chunked_loss_sum(chunked(hidden), params["output"]["kernel"], chunked(targets), chunked(weights),
+                             config) / count
 
 
 def _chunk_logits(h, k, config):

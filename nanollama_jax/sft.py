@@ -25,9 +25,7 @@ import shutil
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
 from data.chat import add_chat_tokens, missing_chat_tokens
 from nanollama_base.cli import ArgumentParser, run_cli
@@ -36,22 +34,15 @@ from nanollama_base.files import atomic_dir, atomic_path, sha256_file
 from . import checkpoint, sharding
 from .config import DTYPE_CHOICES
 from .loop import Schedule, log, train_loop
-from .model import forward
+from .model import next_token_loss
 from .train import non_negative_int, positive_float, positive_int
 from .training_setup import TrainingSetup
 
 
-def masked_cross_entropy(logits, targets, mask):
-    """Mean cross-entropy over the positions where mask is True (0 when there are none)."""
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
-    m = mask.astype(jnp.float32)
-    return jnp.sum(ce * m) / jnp.maximum(jnp.sum(m), 1.0)
-
-
 def masked_next_token_loss(params, batch, config):
-    """SFT loss of a micro-batch {"tokens", "mask"} [B, T+1]: predicting tokens[:, 1:] where mask[:, 1:]."""
-    logits = forward(params, batch["tokens"][:, :-1], config)
-    return masked_cross_entropy(logits, batch["tokens"][:, 1:], batch["mask"][:, 1:])
+    """SFT loss of a micro-batch {"tokens", "mask"} [B, T+1]: predicting tokens[:, 1:] where mask[:, 1:],
+    chunked like pretraining's loss (no float32 logits for the whole micro-batch)."""
+    return next_token_loss(params, batch["tokens"], config, mask=batch["mask"])
 
 
 def build_parser() -> ArgumentParser:

@@ -34,13 +34,26 @@ def live_params(config, seed):
     return params
 
 
+def masked_plain_loss(params, tokens, config, mask):
+    ce = optax.softmax_cross_entropy_with_integer_labels(
+        M.forward(params, tokens[:, :-1], config).astype(jnp.float32), tokens[:, 1:])
+    return jnp.sum(ce * mask[:, 1:]) / jnp.sum(mask[:, 1:])
+
+
+@pytest.mark.parametrize("masked", [False, True])  # every target, or SFT's: only the marked ones
 @pytest.mark.parametrize("chunk", [8, 13, 64])  # divides T, leaves a padded tail, larger than T
-def test_chunked_loss_equals_plain_loss_and_gradients(gqa_config, chunk):
+def test_chunked_loss_equals_plain_loss_and_gradients(gqa_config, chunk, masked):
     config = dataclasses.replace(gqa_config, vocab_size=500)  # padded vocab 512: masked rows inside chunks
     params = live_params(config, 1)
-    tokens = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (3, 41)).astype(np.int32))
-    ref, ref_grads = jax.value_and_grad(plain_loss)(params, tokens, config)
-    got, grads = jax.jit(jax.value_and_grad(M.next_token_loss), static_argnums=(2, 3))(params, tokens, config, chunk)
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(0, config.vocab_size, (3, 41)).astype(np.int32))
+    mask = jnp.asarray(rng.random((3, 41)) < 0.4) if masked else None
+    if masked:
+        ref, ref_grads = jax.value_and_grad(masked_plain_loss)(params, tokens, config, mask)
+    else:
+        ref, ref_grads = jax.value_and_grad(plain_loss)(params, tokens, config)
+    got, grads = jax.jit(jax.value_and_grad(M.next_token_loss), static_argnums=(2, 3))(params, tokens, config, chunk,
+                                                                                         mask)
     assert abs(float(got) - float(ref)) <= 1e-6 * abs(float(ref))
     for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree_util.tree_leaves(ref_grads)):
         g, r = np.asarray(g), np.asarray(r)

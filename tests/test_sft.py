@@ -11,7 +11,9 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import sentencepiece as spm
 
@@ -19,7 +21,7 @@ from data.chat import END_OF_TURN, render
 from nanollama_jax import checkpoint
 from nanollama_jax import model as M
 from nanollama_jax.config import LlamaConfig
-from nanollama_jax.sft import masked_cross_entropy
+from nanollama_jax.sft import masked_next_token_loss
 from native import llama_cpp_logits
 
 VOCAB = 448  # the size of conftest's chat_tokenizer_file
@@ -61,6 +63,13 @@ def greedy_answer(run, question):
     return r.stdout
 
 
+def masked_cross_entropy(logits, targets, mask):
+    """The reference: mean cross-entropy over the positions where mask is set, on full logits."""
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    m = mask.astype(jnp.float32)
+    return jnp.sum(ce * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
 def test_only_assistant_tokens_are_trained(root):
     sp = spm.SentencePieceProcessor(model_file=str(root / "tokenizer.model"))
     conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say apple."},
@@ -79,6 +88,17 @@ def test_only_assistant_tokens_are_trained(root):
     target_trained = np.asarray(train[1:])
     assert np.all(per_position[~target_trained] == 0)
     assert np.all(per_position[target_trained] > 1e-6)
+    # and SFT's own loss (chunked, no full logits) is that masked loss, value and gradients, to float32 rounding
+    batch = {"tokens": tokens, "mask": np.asarray([train])}
+
+    def reference(p):
+        return masked_cross_entropy(M.forward(p, tokens[:, :-1], run.config), tokens[:, 1:], batch["mask"][:, 1:])
+
+    ref, ref_grads = jax.value_and_grad(reference)(params)
+    got, grads = jax.value_and_grad(lambda p: masked_next_token_loss(p, batch, run.config))(params)
+    assert abs(float(got) - float(ref)) <= 1e-6 * abs(float(ref))
+    for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree_util.tree_leaves(ref_grads)):
+        assert np.linalg.norm(np.asarray(g) - r) <= 1e-6 * np.linalg.norm(r), jax.tree_util.keystr(path)
 
 
 def test_full_sft_answers_a_held_out_question_in_the_trained_format(root):
