@@ -77,6 +77,8 @@ def build_parser() -> ArgumentParser:
                    help="compute dtype (default bf16 on GPU/TPU, fp32 on CPU)")
     p.add_argument("--remat", choices=REMAT_POLICIES, help="activation rematerialisation policy (default: qkv with "
                    "bfloat16, the accelerator default that fits every size in 80 GB; none with float32)")
+    p.add_argument("--doc-mask", action="store_true",
+                   help="packed documents: a token attends only within its own document (each starts at BOS)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="init and data order (default 0)")
     p.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
     p.add_argument("--resume-step", type=positive_int,
@@ -131,6 +133,8 @@ def train(args) -> None:
         config = init_run.config  # (dtype and remat come from the flags: the plan sets both)
     if args.vocab_size:
         config = dataclasses.replace(config, vocab_size=args.vocab_size)
+    if args.doc_mask:
+        config = dataclasses.replace(config, doc_mask=True)
     mesh = sharding.make_mesh(args.mesh)
     if args.dry_run:
         setup = TrainingSetup.build(config, recipe, mesh, **plan_flags(args))
@@ -163,6 +167,8 @@ def train(args) -> None:
     if meta["vocab_size"] != config.vocab_size:
         log(f"vocabulary: {meta['vocab_size']} from {data_dir} (the size's default is {config.vocab_size})")
         config = dataclasses.replace(config, vocab_size=meta["vocab_size"])
+    if config.doc_mask:  # documents start at the data's own BOS
+        config = dataclasses.replace(config, bos_id=meta["bos_id"])
     setup = TrainingSetup.build(config, recipe, mesh, **plan_flags(args))
     plan = setup.plan
     if plan.global_batch % jax.process_count():
