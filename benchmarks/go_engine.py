@@ -2,7 +2,8 @@
 on the same nano-sized GGUF (12 layers, d 384, 6 heads, vocab 32000, random weights)
 in F16, Q8_0 and Q4_0, with the same number of threads, in one run.
 
-    python -m benchmarks.go_engine [--threads 1,2] [--prompt 128] [--gen 128]
+    python -m benchmarks.go_engine                                   # 2 threads, 128 + 128 tokens
+    python -m benchmarks.go_engine --threads 1,2 --repeats 5 --gen 256
 
 Writes benchmarks/results/go_engine.{json,md,png}."""
 from __future__ import annotations
@@ -25,6 +26,7 @@ import gguf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 import go_fixtures as F  # noqa: E402
+from nanollama_base.cli import ArgumentParser, run_cli  # noqa: E402
 
 NANO = dict(dim=384, n_layer=12, n_head=6, n_kv=6, head_dim=64, ffn=1024)
 VOCAB = 32000
@@ -85,14 +87,28 @@ def bench_go(binary: Path, model: Path, ids_path: Path, n_gen: int, threads: int
     return {"prefill_tok_s": float(m.group(5)), "decode_tok_s": float(m.group(3))}
 
 
+def thread_counts(text: str) -> list[int]:
+    try:
+        counts = [int(t) for t in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of thread counts, e.g. 1,2")
+    return counts
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", default="2", help="comma-separated thread counts, e.g. 1,2")
+    ap = ArgumentParser(prog="python -m benchmarks.go_engine", description=__doc__)
+    ap.add_argument("--threads", type=thread_counts, default=[2], help="comma-separated thread counts, e.g. 1,2")
     ap.add_argument("--prompt", type=int, default=128, help="prompt tokens (prefill)")
     ap.add_argument("--gen", type=int, default=128, help="generated tokens (decode)")
     ap.add_argument("--repeats", type=int, default=2, help="best of N runs per engine")
     ap.add_argument("--out", type=Path, default=Path("benchmarks") / "results")  # under the working directory
     args = ap.parse_args(argv)
+    run_cli(ap.prog, lambda: benchmark(args))
+
+
+def benchmark(args) -> None:
     start_load = list(os.getloadavg())
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -105,7 +121,7 @@ def main(argv=None):
         ids_path = tmp / "ids.npy"
         np.save(ids_path, np.array(ids, np.int32))
         rows = []
-        for threads, (qt, path) in ((t, m) for t in map(int, args.threads.split(",")) for m in models.items()):
+        for threads, (qt, path) in ((t, m) for t in args.threads for m in models.items()):
             best = {}
             for name, fn in (("llama.cpp", lambda: bench_llama_cpp(path, ids, args.gen, threads)),
                              ("go", lambda: bench_go(binary, path, ids_path, args.gen, threads))):
@@ -132,13 +148,14 @@ def main(argv=None):
             "load_average_at_end": list(os.getloadavg()), "cores": os.cpu_count()}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "go_engine.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
-    lines = [f"# Go engine vs llama.cpp: nano-sized GGUF (12 layers, d 384, vocab 32000), threads {args.threads}",
+    threads = ",".join(map(str, args.threads))
+    lines = [f"# Go engine vs llama.cpp: nano-sized GGUF (12 layers, d 384, vocab 32000), threads {threads}",
              "",
              f"Prompt {args.prompt} tokens, then {args.gen} generated tokens (greedy); best of {args.repeats}. "
              f"llama-cpp-python {meta['llama_cpp_python']}, {meta['go']}; {meta['cores']} cores, "
              f"load average {meta['load_average_at_start'][0]:.1f} at the start and "
-             f"{meta['load_average_at_end'][0]:.1f} at the end of the run (other work was "
-             f"running on the machine: llama.cpp's spinning threads suffer more from that than Go's).",
+             f"{meta['load_average_at_end'][0]:.1f} at the end of the run (other work on the machine slows "
+             "llama.cpp's spinning threads more than Go's).",
              "",
              "| type | threads | file MB | decode go tok/s | decode llama.cpp tok/s | decode ratio | "
              "prefill go tok/s | prefill llama.cpp tok/s | prefill ratio |",
