@@ -62,6 +62,8 @@ def build_parser() -> ArgumentParser:
                    help="hold out every Nth conversation for validation (default 10; 0 = none)")
     p.add_argument("--mesh", help="FSDPxTENSOR device mesh (default: all devices on fsdp)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, help="compute dtype")
+    p.add_argument("--doc-mask", action="store_true",
+                   help="conversations packed into one row attend only within themselves (each starts at BOS)")
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--eval-every", type=positive_int, help="validation every N steps (default: 10 times per run)")
@@ -115,6 +117,8 @@ def sft(args) -> None:
     if seq_len > base.config.sequence_len:
         raise ValueError(f"--seq-len {seq_len}: the base's context is {base.config.sequence_len}")
     config = dataclasses.replace(base.config, vocab_size=sp.get_piece_size())
+    if args.doc_mask:
+        config = dataclasses.replace(config, doc_mask=True, bos_id=sp.bos_id())
     mesh = sharding.make_mesh(args.mesh)
     recipe = {"batch_size": args.batch_size, "warmup_steps": max(1, args.steps // 20), "weight_decay": 0.0}
     overrides = dict(steps=args.steps, seq_len=seq_len, batch_size=args.batch_size, dtype=args.dtype,
