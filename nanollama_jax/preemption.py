@@ -8,8 +8,10 @@ signal exits at once (the async save in flight, if any, is abandoned: orbax neve
 partial checkpoint), leaving the last good checkpoint.
 
 With several processes a signal usually reaches one of them (a preempted host). Each step the
-processes agree on "stop" with a tiny all-gather, so all of them save the same step and exit
-instead of the others hanging at the next collective.
+processes vote on "stop" with a tiny all-reduce on the devices, dispatched behind the step and read
+at the next one (as the loop reads its metrics), so the host never waits for the step in flight and
+the accelerators never idle for the vote. All processes act on the same vote, so they save the same
+step and exit instead of the others hanging at the next collective.
 """
 from __future__ import annotations
 
@@ -36,6 +38,8 @@ class StopSignals:
         self.received: list[str] = []
         self.step_time: float | None = None  # mean seconds per step, compilation excluded
         self.step_t0 = time.monotonic()
+        self.pending_vote = None  # (the device result of the last vote, this process's signal then)
+        self.vote_fn = None
 
     def __enter__(self):
         self.previous = {s: signal.signal(s, lambda *_: None) for s in SIGNALS}  # the watcher does the work
@@ -93,14 +97,32 @@ class StopSignals:
 
     def should_stop(self) -> str | None:
         """The reason to stop now (a signal's name, or that another process got one), agreed by
-        every process; None to go on. A collective when there are several processes: call it at
-        the same point of every step on all of them."""
+        every process; None to go on. With several processes it is a collective, called at the same
+        point of every step on all of them: it reads the vote dispatched at the previous call (done
+        on the devices as soon as the previous step is) and dispatches this step's, so a signal is
+        acted on one step later, by every process at the same step."""
         mine = self.signal_name
         if jax.process_count() == 1:
             return mine
-        from jax.experimental import multihost_utils
+        previous, self.pending_vote = self.pending_vote, (self.dispatch_vote(mine is not None), mine)
+        if previous is None:
+            return None
+        outcome, mine_then = previous
+        highest = int(outcome)  # 1 + the highest process index that had a signal, or 0
+        if not highest:
+            return None
+        return mine_then or f"a signal to process {highest - 1}"
 
-        flags = multihost_utils.process_allgather(np.int32(mine is not None))
-        if mine is None and np.any(flags):
-            return f"a signal to process {int(np.argmax(flags))}"
-        return mine
+    def dispatch_vote(self, signalled: bool) -> jax.Array:
+        """The max over processes of (process index + 1 if signalled else 0), as a device scalar
+        whose value is not waited for here."""
+        import jax.numpy as jnp
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+        mesh = Mesh(np.array(jax.devices()), ("processes",))
+        if self.vote_fn is None:
+            self.vote_fn = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, PartitionSpec()))
+        mine = np.full(jax.local_device_count(), (jax.process_index() + 1) * signalled, np.int32)
+        votes = jax.make_array_from_process_local_data(NamedSharding(mesh, PartitionSpec("processes")), mine,
+                                                       (jax.device_count(),))
+        return self.vote_fn(votes)
