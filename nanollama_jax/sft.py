@@ -149,8 +149,8 @@ def sft(args) -> None:
                         "chat_tokens_added": added}}
     if args.merge:
         return merge_lora(setup, checkpoint.open_run(run_dir), final_dir, sections)
-    start_step = checkpoint.resume_step(run_dir, args.resume, plan.config, run_dir / "tokenizer.model",
-                                        batches.tokenizer_sha256, batches.fingerprint)
+    start_step = setup.resume_step(run_dir, args.resume, run_dir / "tokenizer.model", batches.tokenizer_sha256,
+                                   batches.fingerprint)
     if jax.process_index() == 0:
         checkpoint.create_run(run_dir, plan.config, run_dir / "tokenizer.model", **sections)
     run = checkpoint.open_run(run_dir)

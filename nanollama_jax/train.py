@@ -30,7 +30,6 @@ from . import checkpoint, sharding, xla_flags
 from .config import DTYPE_CHOICES, REMAT_POLICIES, load_size, size_names
 from .loop import Schedule, log, train_loop
 from .memory_fit import GIB, fit_report
-from .plan import resume_changes
 from .recipe import explain as explain_recipe
 from .training_setup import TrainingSetup
 
@@ -185,13 +184,8 @@ def train(args) -> None:
     sections = {"train": plan.settings(),
                 "data": {"dir": str(Path(data_dir).resolve()), "fingerprint": batches.fingerprint,
                          "personality_dir": args.personality_dir}}
-    if args.resume and checkpoint.saved_steps(run_dir):
-        changes = resume_changes(checkpoint.open_run(run_dir).info.get("train", {}), plan)
-        if changes:
-            raise ValueError(f"{run_dir}: cannot resume, this would change the run: {'; '.join(changes)} "
-                             "(start a new run with --model-tag, or resume with the run's settings)")
-    start_step = checkpoint.resume_step(run_dir, args.resume, plan.config, batches.tokenizer_path,
-                                        batches.tokenizer_sha256, batches.fingerprint, args.resume_step)
+    start_step = setup.resume_step(run_dir, args.resume, batches.tokenizer_path, batches.tokenizer_sha256,
+                                   batches.fingerprint, args.resume_step)
     if jax.process_index() == 0:
         checkpoint.create_run(run_dir, plan.config, batches.tokenizer_path, **sections)
     multihost_barrier("run folder")

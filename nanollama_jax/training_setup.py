@@ -30,7 +30,7 @@ from . import checkpoint, sharding
 from .config import LlamaConfig
 from .model import next_token_loss, param_shapes  # the default loss
 from .optim import learning_rates, make_optimizer
-from .plan import Plan, build_plan
+from .plan import Plan, build_plan, resume_changes
 
 
 def make_train_step(plan: Plan, tx: optax.GradientTransformation, loss_fn: Callable = next_token_loss):
@@ -117,6 +117,19 @@ class TrainingSetup:
     def state_from(self, params):
         """(params, a fresh opt_state for them, born sharded): the start of training from given weights."""
         return params, jax.jit(self.optimizer.init, out_shardings=self.opt_shardings)(params)
+
+    def resume_step(self, run_dir, resume: bool, tokenizer, tokenizer_sha256: str, data_fingerprint: str,
+                    step: int | None = None) -> int:
+        """The step this plan starts from in `run_dir` (`checkpoint.resume_step`: 0 for a new run),
+        refusing, one line for all, to resume a run with settings that change what it computes
+        (`plan.resume_changes`: optimizer, schedule, learning-rate scale, ...)."""
+        if resume and checkpoint.saved_steps(run_dir):
+            changes = resume_changes(checkpoint.open_run(run_dir).info.get("train", {}), self.plan)
+            if changes:
+                raise ValueError(f"{run_dir}: cannot resume, this would change the run: {'; '.join(changes)} "
+                                 "(start a new run with --model-tag, or resume with the run's settings)")
+        return checkpoint.resume_step(run_dir, resume, self.config, tokenizer, tokenizer_sha256, data_fingerprint,
+                                      step)
 
     def restore(self, mgr, step: int):
         """(params, opt_state) of a checkpoint, placed on this mesh (any mesh may have saved it)."""

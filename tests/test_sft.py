@@ -131,6 +131,11 @@ def test_lora_resumes_merges_and_exports_a_llama_cpp_adapter(root, tmp_path):
 
     sft(root, "lora", "--steps", 16, "--lora", 4, "--lr-scale", 5, "--stop-after", 7)
     assert not (root / "runs" / "lora").exists()  # not merged before the end
+    r = cli("nanollama_jax.sft", "--base", root / "runs" / "base", "--data", root / "chats.jsonl", "--model-tag",
+            "lora", "--runs-dir", root / "runs", "--batch-size", 4, "--steps", 16, "--lora", 4, "--lr-scale", 4,
+            "--resume")
+    assert r.returncode == 1 and "cannot resume, this would change the run: learning-rate scale (--lr-scale) 5" \
+        in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     whole = sft(root, "lora", "--steps", 16, "--lora", 4, "--lr-scale", 5, "--resume")
     steps = [json.loads(x)["step"] for x in (root / "runs" / "lora-lora" / "metrics.jsonl").read_text().splitlines()
              if "loss" in x and "val_loss" not in x]
