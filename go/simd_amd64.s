@@ -1163,3 +1163,8 @@ sdone:
 	VZEROUPPER
 	MOVQ AX, ret+24(FP)
 	RET
+
+// func spinPause()
+TEXT ·spinPause(SB), NOSPLIT, $0-0
+	PAUSE
+	RET
