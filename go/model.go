@@ -304,6 +304,7 @@ type Session struct {
 	job                          parJob
 	mm                           matmulJob
 	aj                           attnJob
+	sj                           siluJob
 }
 
 // NewSession allocates a KV cache for ctx positions (≤ the model's), in
@@ -558,6 +559,11 @@ func (j *attnJob) do(lo, hi int, scratch *[]float32) {
 	}
 }
 
+// siluJob runs siluMul over the FFN activations of a batch.
+type siluJob struct{ g, up []float32 }
+
+func (j *siluJob) do(lo, hi int, _ *[]float32) { siluMul(j.g[lo:hi], j.up[lo:hi]) }
+
 // siluMul sets g[i] = silu(g[i]) * up[i].
 func siluMul(g, up []float32) {
 	up = up[:len(g)]
@@ -682,7 +688,15 @@ func (s *Session) forwardBatch(tokens []int32, allOut []float32, last bool) {
 			s.matmulPrepared(n, l.Gate, s.hb, nil, nil, nil, nil)
 			s.matmul(s.hb2, l.Up, s.xb, n)
 		}
-		siluMul(s.hb[:n*c.FFN], s.hb2[:n*c.FFN])
+		if n > 1 {
+			// one token's row per chunk (a decode step's one row is not
+			// worth a parallel-for)
+			s.sj = siluJob{g: s.hb[:n*c.FFN], up: s.hb2[:n*c.FFN]}
+			s.m.Pool.Run(&s.job, &s.sj, n*c.FFN, c.FFN, &s.scratch)
+			s.sj = siluJob{}
+		} else {
+			siluMul(s.hb[:c.FFN], s.hb2[:c.FFN])
+		}
 		s.matmul(s.xb, l.Down, s.hb, n)
 		for i := 0; i < n*d; i++ {
 			s.x[i] += s.xb[i]
