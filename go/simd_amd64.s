@@ -1316,6 +1316,12 @@ sdone:
 	RET
 
 // func spinPause()
+// 30 PAUSEs back to back, as the runtime's own spin loops do, so that a
+// hypervisor sees a pause loop.
 TEXT ·spinPause(SB), NOSPLIT, $0-0
+	MOVL $30, AX
+spl:
 	PAUSE
+	DECL AX
+	JNZ  spl
 	RET
