@@ -445,9 +445,13 @@ func (s *Session) matmulPrepared(n int, w0 *Matrix, o0 []float32, w1 *Matrix, o1
 			total += p.w.Rows
 		}
 	}
-	chunk := 16
-	if total/chunk < 4*s.m.Pool.threads {
-		chunk = (total + 4*s.m.Pool.threads - 1) / (4 * s.m.Pool.threads)
+	// Each thread gets about 4 runs of rows to balance the load. With
+	// 4 tokens or more, chunks are at most 16 rows so that they stay in L1
+	// while all the tokens go by; a decode step reads each row once, and
+	// long runs keep each thread's reads sequential for the prefetchers.
+	chunk := (total + 4*s.m.Pool.threads - 1) / (4 * s.m.Pool.threads)
+	if n >= 4 && chunk > 16 {
+		chunk = 16
 	}
 	s.m.Pool.Run(&s.job, &s.mm, total, chunk, &s.scratch)
 	s.mm = matmulJob{}
