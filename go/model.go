@@ -284,7 +284,7 @@ func (m *Model) String() string {
 
 // ---- sessions: a KV cache plus every scratch buffer a forward pass needs ----
 
-const maxBatch = 32
+const maxBatch = 64
 
 type Session struct {
 	m      *Model
