@@ -224,7 +224,7 @@ func TestParseErrors(t *testing.T) {
 // tinyModel builds a random 2-layer llama with a byte-level SentencePiece
 // vocab, stored as typ.
 func tinyModel(t testing.TB, typ GGMLType) *Model {
-	sh := llamaShape{layers: 2, dim: 64, ffn: 128, nh: 4, nkv: 2, hd: 16, vocab: 300, ctx: 64}
+	sh := llamaShape{layers: 2, dim: 64, ffn: 128, nh: 4, nkv: 2, hd: 16, vocab: 300, ctx: 2 * maxBatch}
 	rng := rand.New(rand.NewSource(1))
 	var g ggufBuilder
 	g.addLlamaHParams(sh)
@@ -274,14 +274,17 @@ func tinyModel(t testing.TB, typ GGMLType) *Model {
 func TestForwardBatchedEqualsSequentialAndNoAllocs(t *testing.T) {
 	for _, typ := range []GGMLType{TypeF32, TypeQ8_0} {
 		m := tinyModel(t, typ)
-		ids := []int32{1, 270, 5, 99, 260, 261, 42, 7, 8, 9, 100, 101, 102, 103, 104, 105, 106, 107, 108, 109, 110, 111, 112, 113, 114, 115, 116, 117, 118, 119, 120, 121, 122, 123, 124}
+		ids := []int32{1, 270, 5, 99, 260, 261, 42, 7, 8, 9}
+		for len(ids) < maxBatch+3 { // past the end of the first batch
+			ids = append(ids, int32(100+len(ids)))
+		}
 		v := m.Cfg.Vocab
 		all := make([]float32, len(ids)*v)
-		s := m.NewSession(64, false)
+		s := m.NewSession(2*maxBatch, false)
 		if _, err := s.Forward(ids, all); err != nil {
 			t.Fatal(err)
 		}
-		s2 := m.NewSession(64, false)
+		s2 := m.NewSession(2*maxBatch, false)
 		for i, id := range ids {
 			logits, err := s2.Forward([]int32{id}, nil)
 			if err != nil {

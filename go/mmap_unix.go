@@ -8,10 +8,10 @@ import (
 	"syscall"
 )
 
-// mapFile maps the file read-only: weights are paged in on demand and
-// shared between processes.
+// mapFile maps the file read-only: weights are shared between processes
+// and paged in at once where the system can (mapPopulate), else on demand.
 func mapFile(f *os.File, size int) ([]byte, error) {
-	b, err := syscall.Mmap(int(f.Fd()), 0, size, syscall.PROT_READ, syscall.MAP_SHARED)
+	b, err := syscall.Mmap(int(f.Fd()), 0, size, syscall.PROT_READ, syscall.MAP_SHARED|mapPopulate)
 	if err != nil {
 		return nil, fmt.Errorf("mmap: %v", err)
 	}

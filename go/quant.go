@@ -404,39 +404,59 @@ func newQAct(maxRows, maxCols int) *QAct {
 
 // prepare converts rows×cols activations x for a weight of type t.
 func (a *QAct) prepare(t GGMLType, x []float32, rows, cols int) {
+	a.setup(t, x, rows, cols)
+	a.convert(x, 0, rows)
+}
+
+// setup readies a for rows×cols activations x for a weight of type t;
+// convert then fills it in, a range of rows at a time.
+func (a *QAct) setup(t GGMLType, x []float32, rows, cols int) {
 	a.kind, a.rows, a.cols = actKindFor(t), rows, cols
 	a.groups4 = 0
-	n := rows * cols
 	switch a.kind {
 	case actF32:
-		a.f = x[:n]
+		a.f = x[:rows*cols]
+	case actF16, actBF16:
+		a.f = a.fbuf[:rows*cols]
+	case actQ8_0:
+		if useAVX2 {
+			a.groups4 = rows / 4
+		}
+	}
+}
+
+// convert prepares rows [lo, hi) of x. Ranges start at multiples of 4, and
+// end at one or at the last row, so that each 4-row group of the 4-token
+// kernels is interleaved by the call that converts it.
+func (a *QAct) convert(x []float32, lo, hi int) {
+	i0, i1 := lo*a.cols, hi*a.cols
+	switch a.kind {
 	case actF16:
-		a.f = a.fbuf[:n]
-		roundF16(a.f, x[:n])
+		roundF16(a.f[i0:i1], x[i0:i1])
 	case actBF16:
-		a.f = a.fbuf[:n]
-		for i, v := range x[:n] {
-			a.f[i] = bf16ToF32(f32ToBF16(v))
+		for i := i0; i < i1; i++ {
+			a.f[i] = bf16ToF32(f32ToBF16(x[i]))
 		}
 	case actQ8_0, actQ8_1:
-		if nb := n / 32; useAVX2 && nb > 0 {
+		b0, b1 := i0/32, i1/32
+		if useAVX2 && b1 > b0 {
 			// a.d and a.s get amax and sum in the kernel, then the scales
-			quantQ8AVX2(&x[0], &a.qs[0], &a.d[0], &a.isum[0], nb)
-			for b := 0; b < nb; b++ {
+			quantQ8AVX2(&x[i0], &a.qs[i0], &a.d[b0], &a.isum[b0], b1-b0)
+			for b := b0; b < b1; b++ {
 				dd := a.d[b] / 127
 				a.d[b] = f16Table[f32ToF16(dd)]
 				a.s[b] = f16Table[f32ToF16(float32(a.isum[b])*dd)]
 			}
-			if a.kind == actQ8_0 {
-				a.interleave4()
+			for g := lo / 4; g < hi/4 && g < a.groups4; g++ {
+				a.interleave4(g)
 			}
 			return
 		}
-		for b := 0; b < n/32; b++ {
+		for b := b0; b < b1; b++ {
 			a.isum[b] = quantQ8Block(x[b*32:b*32+32], a.qs[b*32:b*32+32], &a.d[b], &a.s[b])
 		}
 	case actQ8_K:
-		for b := 0; b < n/256; b++ {
+		for b := i0 / 256; b < i1/256; b++ {
 			quantQ8KBlock(x[b*256:b*256+256], a.qs[b*256:b*256+256], &a.d[b], a.bsums[b*16:b*16+16])
 		}
 	}
@@ -955,22 +975,19 @@ func roundF16(dst, src []float32) {
 	}
 }
 
-// interleave4 lays out groups of 4 activation rows for the 4-token kernels.
-func (a *QAct) interleave4() {
+// interleave4 lays out group g (rows 4g..4g+3) of the activations for the
+// 4-token kernels.
+func (a *QAct) interleave4(g int) {
 	c := a.cols
 	nb := c / 32
-	g := a.rows / 4
-	for gi := 0; gi < g; gi++ {
-		for k := 0; k < 4; k++ {
-			r := 4*gi + k
-			for b := 0; b < nb; b++ {
-				copy(a.qs4[gi*4*c+128*b+32*k:gi*4*c+128*b+32*k+32], a.qs[r*c+32*b:r*c+32*b+32])
-				a.d4[gi*4*nb+4*b+k] = a.d[r*nb+b]
-				a.ys4[gi*4*nb+4*b+k] = a.isum[r*nb+b]
-			}
+	for k := 0; k < 4; k++ {
+		r := 4*g + k
+		for b := 0; b < nb; b++ {
+			copy(a.qs4[g*4*c+128*b+32*k:g*4*c+128*b+32*k+32], a.qs[r*c+32*b:r*c+32*b+32])
+			a.d4[g*4*nb+4*b+k] = a.d[r*nb+b]
+			a.ys4[g*4*nb+4*b+k] = a.isum[r*nb+b]
 		}
 	}
-	a.groups4 = g
 }
 
 // matRows4 is matRows for the 4 tokens tok..tok+3 at once: out[k*ostride+r-lo]

@@ -10,6 +10,10 @@ import "os"
 func cpuid(eaxArg, ecxArg uint32) (eax, ebx, ecx, edx uint32)
 func xgetbv() (eax, edx uint32)
 
+// spinPause is one PAUSE: it tells the core (and a hypervisor watching for
+// spinning virtual CPUs) that the caller is in a polling loop.
+func spinPause()
+
 // useAVX2 is true when the CPU and OS support AVX2, FMA and F16C, unless
 // NANOLLAMA_NOSIMD is set (to run the pure-Go code, e.g. in tests).
 var useAVX2 = detectAVX2() && os.Getenv("NANOLLAMA_NOSIMD") == ""

@@ -923,7 +923,7 @@ edone:
 	MOVQ AX, ret+24(FP)
 	RET
 
-// ---- 4-token matrix kernels (prefill): one weight row against 4 tokens ----
+// ---- 4-token matrix kernels (prefill): weight rows against 4 tokens ----
 // The activations of the 4 tokens are interleaved per block (y: block b of
 // token k at 128*b + 32*k; d and ysum: 4 per block). Lane k of X0 is token
 // k's sum, added block after block as in the Go code.
@@ -959,6 +959,72 @@ edone:
 	ADDQ      BX, AX; \
 	VEXTRACTPS $3, X0, (AX)
 
+// The pair loops below run two weight rows against the 4 tokens, so each
+// activation load serves both rows and the two rows' block sums are reduced
+// and scaled together in one register (row 0 in the low half, row 1 in the
+// high half), with each lane's arithmetic that of T4SUM and T4ACC.
+
+// T8SUM reduces row 0's token sums Y8..Y11 and row 1's Y5, Y6, Y7, Y13 to
+// Y9 = [row 0's 4 block sums | row 1's]. Clobbers Y5, Y7, Y8, Y10.
+#define T8SUM \
+	VPHADDD    Y9, Y8, Y8; \
+	VPHADDD    Y11, Y10, Y10; \
+	VPHADDD    Y10, Y8, Y8; \
+	VPHADDD    Y6, Y5, Y5; \
+	VPHADDD    Y13, Y7, Y7; \
+	VPHADDD    Y7, Y5, Y5; \
+	VPERM2I128 $0x20, Y5, Y8, Y9; \
+	VPERM2I128 $0x31, Y5, Y8, Y10; \
+	VPADDD     Y10, Y9, Y9
+
+// T8ACC: Y0 += (dw * d[k]) * float32(Y9) lane by lane, dw the fp16 weight
+// scale at (SI) for row 0 and at (r1) for row 1. Clobbers Y6, Y7.
+#define T8ACC(r1) \
+	VCVTDQ2PS      Y9, Y9; \
+	VPBROADCASTW   (SI), X6; \
+	VPBROADCASTW   (r1), X7; \
+	VPUNPCKLQDQ    X7, X6, X6; \
+	VCVTPH2PS      X6, Y6; \
+	VBROADCASTF128 (DX), Y7; \
+	VMULPS         Y7, Y6, Y6; \
+	VMULPS         Y9, Y6, Y6; \
+	VADDPS         Y6, Y0, Y0
+
+// T8STORE writes lane k of X0 to R8 + k*BX and lane k of Y0's high half 4
+// bytes after it.
+#define T8STORE \
+	VEXTRACTF128 $1, Y0, X1; \
+	MOVQ         R8, AX; \
+	VMOVSS       X0, (AX); \
+	VMOVSS       X1, 4(AX); \
+	ADDQ         BX, AX; \
+	VEXTRACTPS   $1, X0, (AX); \
+	VEXTRACTPS   $1, X1, 4(AX); \
+	ADDQ         BX, AX; \
+	VEXTRACTPS   $2, X0, (AX); \
+	VEXTRACTPS   $2, X1, 4(AX); \
+	ADDQ         BX, AX; \
+	VEXTRACTPS   $3, X0, (AX); \
+	VEXTRACTPS   $3, X1, 4(AX)
+
+// Q8P: token k's block products with row 0 (Y2, |Y2| in Y3) into d0 and
+// with row 1 (Y12, |Y12| in Y14) into d1. Clobbers Y1, Y4.
+#define Q8P(k, d0, d1) \
+	VMOVDQU    k(DI), Y4; \
+	VPSIGNB    Y2, Y4, Y1; \
+	VPMADDUBSW Y1, Y3, Y1; \
+	VPMADDWD   Y15, Y1, d0; \
+	VPSIGNB    Y12, Y4, Y4; \
+	VPMADDUBSW Y4, Y14, Y4; \
+	VPMADDWD   Y15, Y4, d1
+
+// Q4P: the same for the unpacked Q4_0 rows in Y2 and Y3.
+#define Q4P(k, d0, d1) \
+	VPMADDUBSW k(DI), Y2, Y4; \
+	VPMADDWD   Y15, Y4, d0; \
+	VPMADDUBSW k(DI), Y3, Y1; \
+	VPMADDWD   Y15, Y1, d1
+
 #define Q8T(k, dst) \
 	VMOVDQU    k(DI), Y5; \
 	VPSIGNB    Y2, Y5, Y5; \
@@ -973,6 +1039,43 @@ TEXT ·matQ8_0x4AVX2(SB), NOSPLIT, $0-72
 	MOVQ stride+24(FP), R10
 	MOVQ nrows+32(FP), R11
 	ONES16
+
+t8pair:
+	CMPQ   R11, $2
+	JLT    t8tail
+	MOVQ   R9, SI
+	LEAQ   (R9)(R10*1), R12
+	MOVQ   y+40(FP), DI
+	MOVQ   d+48(FP), DX
+	MOVQ   nb+64(FP), CX
+	VXORPS Y0, Y0, Y0
+
+t8pblk:
+	VMOVDQU 2(SI), Y2
+	VPSIGNB Y2, Y2, Y3
+	VMOVDQU 2(R12), Y12
+	VPSIGNB Y12, Y12, Y14
+	Q8P(0, Y8, Y5)
+	Q8P(32, Y9, Y6)
+	Q8P(64, Y10, Y7)
+	Q8P(96, Y11, Y13)
+	T8SUM
+	T8ACC(R12)
+	ADDQ    $34, SI
+	ADDQ    $34, R12
+	ADDQ    $128, DI
+	ADDQ    $16, DX
+	DECQ    CX
+	JNZ     t8pblk
+	T8STORE
+	ADDQ    $8, R8
+	LEAQ    (R9)(R10*2), R9
+	SUBQ    $2, R11
+	JMP     t8pair
+
+t8tail:
+	TESTQ R11, R11
+	JZ    t8done
 
 t8row:
 	MOVQ   R9, SI
@@ -1000,6 +1103,8 @@ t8blk:
 	ADDQ    R10, R9
 	DECQ    R11
 	JNZ     t8row
+
+t8done:
 	VZEROUPPER
 	RET
 
@@ -1019,6 +1124,50 @@ TEXT ·matQ4_0x4AVX2(SB), NOSPLIT, $0-72
 	MOVL         $0x0f0f0f0f, AX
 	VMOVD        AX, X14
 	VPBROADCASTD X14, Y14
+
+t4pair:
+	CMPQ   R11, $2
+	JLT    t4tail
+	MOVQ   R9, SI
+	LEAQ   (R9)(R10*1), R13
+	MOVQ   y+40(FP), DI
+	MOVQ   d+48(FP), DX
+	MOVQ   ys+56(FP), R14
+	MOVQ   nb+64(FP), CX
+	VXORPS Y0, Y0, Y0
+
+t4pblk:
+	VBROADCASTI128 2(SI), Y2
+	VPSRLVD        Y12, Y2, Y2
+	VPAND          Y14, Y2, Y2
+	VBROADCASTI128 2(R13), Y3
+	VPSRLVD        Y12, Y3, Y3
+	VPAND          Y14, Y3, Y3
+	Q4P(0, Y8, Y5)
+	Q4P(32, Y9, Y6)
+	Q4P(64, Y10, Y7)
+	Q4P(96, Y11, Y13)
+	T8SUM
+	VBROADCASTI128 (R14), Y10
+	VPSLLD         $3, Y10, Y10
+	VPSUBD         Y10, Y9, Y9
+	T8ACC(R13)
+	ADDQ           $18, SI
+	ADDQ           $18, R13
+	ADDQ           $128, DI
+	ADDQ           $16, DX
+	ADDQ           $16, R14
+	DECQ           CX
+	JNZ            t4pblk
+	T8STORE
+	ADDQ           $8, R8
+	LEAQ           (R9)(R10*2), R9
+	SUBQ           $2, R11
+	JMP            t4pair
+
+t4tail:
+	TESTQ R11, R11
+	JZ    t4done
 
 t4row:
 	MOVQ   R9, SI
@@ -1052,6 +1201,8 @@ t4blk:
 	ADDQ           R10, R9
 	DECQ           R11
 	JNZ            t4row
+
+t4done:
 	VZEROUPPER
 	RET
 
@@ -1162,4 +1313,15 @@ sloop:
 sdone:
 	VZEROUPPER
 	MOVQ AX, ret+24(FP)
+	RET
+
+// func spinPause()
+// 30 PAUSEs back to back, as the runtime's own spin loops do, so that a
+// hypervisor sees a pause loop.
+TEXT ·spinPause(SB), NOSPLIT, $0-0
+	MOVL $30, AX
+spl:
+	PAUSE
+	DECL AX
+	JNZ  spl
 	RET

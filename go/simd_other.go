@@ -4,6 +4,8 @@ package main
 
 const useAVX2 = false
 
+func spinPause() {}
+
 func dotQ8_0AVX2(w *byte, qs *int8, d *float32, nb int) float32 { panic("no AVX2") }
 func dotQ4_0AVX2(w *byte, qs *int8, d *float32, nb int) float32 { panic("no AVX2") }
 func dotF16AVX2(w *uint16, x *float32, n int) float32           { panic("no AVX2") }

@@ -362,14 +362,19 @@ func TestMatRows4MatchesDotRow(t *testing.T) {
 			a := newQAct(toks, cols)
 			a.prepare(typ, x, toks, cols)
 			out := make([]float32, toks*rows)
-			for tok := 0; tok+4 <= toks; tok += 4 {
-				if !matRows4(typ, data, rb, 1, rows, a, tok, out[tok*rows+1:], rows) {
-					t.Fatalf("%s: no kernel", typ)
+			for lo := 0; lo < 2; lo++ { // an odd and an even number of rows
+				for i := range out {
+					out[i] = float32(math.NaN())
 				}
-				for k := 0; k < 4; k++ {
-					for r := 1; r < rows; r++ {
-						if want := dotRow(typ, data[r*rb:(r+1)*rb], a, tok+k); out[(tok+k)*rows+r] != want {
-							t.Fatalf("%s nb=%d tok=%d row %d: %g, want %g", typ, nb, tok+k, r, out[(tok+k)*rows+r], want)
+				for tok := 0; tok+4 <= toks; tok += 4 {
+					if !matRows4(typ, data, rb, lo, rows, a, tok, out[tok*rows+lo:], rows) {
+						t.Fatalf("%s: no kernel", typ)
+					}
+					for k := 0; k < 4; k++ {
+						for r := lo; r < rows; r++ {
+							if want := dotRow(typ, data[r*rb:(r+1)*rb], a, tok+k); out[(tok+k)*rows+r] != want {
+								t.Fatalf("%s nb=%d lo=%d tok=%d row %d: %g, want %g", typ, nb, lo, tok+k, r, out[(tok+k)*rows+r], want)
+							}
 						}
 					}
 				}
