@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,9 +167,12 @@ class Manager(ocp.CheckpointManager):
     """orbax's CheckpointManager that seals each step it saved once the save has finished, and
     turns a full disk during a save into one line."""
 
-    def __init__(self, directory: Path, options: ocp.CheckpointManagerOptions):
+    def __init__(self, directory: Path, options: ocp.CheckpointManagerOptions, saving: str = "the checkpoint",
+                 run_dir: Path | None = None):
         super().__init__(directory, options=options)
         self.unsealed: list[int] = []
+        self.saving = saving  # what a save writes, for the full-disk line
+        self.run_dir = Path(run_dir or Path(directory).parent)  # the run that --resume continues
 
     def save(self, step: int, *args, **kwargs) -> bool:
         self.wait_until_finished()  # orbax waits for the previous save anyway; seal it first
@@ -198,9 +202,14 @@ class Manager(ocp.CheckpointManager):
         self.unsealed.clear()
 
     def disk_full_error(self, failed) -> OSError:
-        good = [s for s in saved_steps(Path(self.directory).parent) if s != failed]
-        kept = f"the previous checkpoint (step {good[-1]}) is intact" if good else "no earlier checkpoint"
-        return OSError(errno.ENOSPC, f"no space left on device while saving the checkpoint of step {failed}; {kept}; "
+        # orbax leaves its failed writes' asyncio tasks unretrieved, and asyncio would log each one at
+        # exit, after the one line that reports them
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+        own = self.run_dir == Path(self.directory).parent
+        good = [s for s in saved_steps(self.run_dir) if not (own and s == failed)]
+        which = "the previous checkpoint" if own else "the run's last checkpoint"
+        kept = f"{which} (step {good[-1]}) is intact" if good else "no earlier checkpoint"
+        return OSError(errno.ENOSPC, f"no space left on device while saving {self.saving} of step {failed}; {kept}; "
                                      "free some space and continue with --resume", str(self.directory))
 
 
@@ -212,10 +221,14 @@ def disk_full(e: BaseException) -> bool:
     return False
 
 
-def manager(run: Run, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
+def manager(run: Run, keep: int = 3, async_save: bool = True, saving: str = "the checkpoint",
+            resumed_from: Path | None = None) -> ocp.CheckpointManager:
+    """The checkpoint manager of `run`; `saving` names what it writes and `resumed_from` the run
+    that --resume continues (default `run` itself) in the line a full disk gives."""
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
                                            cleanup_tmp_directories=True)
-    return Manager(run.checkpoint_dir.resolve(), options)
+    return Manager(run.checkpoint_dir.resolve(), options, saving,
+                   Path(resumed_from).resolve() if resumed_from else run.dir.resolve())
 
 
 def save(mgr: ocp.CheckpointManager, step: int, params: Params, meta: dict, opt_state=None) -> None:

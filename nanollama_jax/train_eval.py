@@ -95,7 +95,8 @@ class BestCheckpoint:
                 checkpoint.create_run(self.dir, self.run.config, self.run.tokenizer_path,
                                       best_of={"run": str(self.run.dir.resolve()), "chosen_by": "validation loss"},
                                       **sections)
-            self._mgr = checkpoint.manager(checkpoint.Run(self.dir, self.run.config, {}, None), keep=1)
+            self._mgr = checkpoint.manager(checkpoint.Run(self.dir, self.run.config, {}, None), keep=1,
+                                           saving=f"the best-validation weights ({BEST}/)", resumed_from=self.run.dir)
         return self._mgr
 
     def save(self, step: int, params, meta: dict) -> None:

@@ -7,10 +7,10 @@ import pytest
 
 
 @pytest.mark.parametrize("layout,problem", [
-    ({}, "not a nanollama checkout (no nanollama/model.py)"),
-    ({"nanollama/__init__.py": "", "nanollama/model.py": "import no_such_module_here\n"},
+    ({}, "not a nanollama checkout (no nanollama/llama.py)"),
+    ({"nanollama/__init__.py": "", "nanollama/llama.py": "import no_such_module_here\n"},
      "cannot import the reference model (ModuleNotFoundError"),
-    ({"nanollama/__init__.py": "", "nanollama/model.py": "class LlamaConfig:\n    pass\n"},
+    ({"nanollama/__init__.py": "", "nanollama/llama.py": "class LlamaConfig:\n    pass\n"},
      "no Llama in the reference model module"),
 ])
 def test_reference_dir_without_the_expected_modules_is_one_line(tmp_path, layout, problem):
