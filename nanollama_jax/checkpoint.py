@@ -227,8 +227,8 @@ def manager(run: Run, keep: int = 3, async_save: bool = True, saving: str = "the
     that --resume continues (default `run` itself) in the line a full disk gives."""
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
                                            cleanup_tmp_directories=True)
-    return Manager(run.checkpoint_dir.resolve(), options, saving,
-                   Path(resumed_from).resolve() if resumed_from else run.dir.resolve())
+    resumed_from = Path(resumed_from).resolve() if resumed_from else None
+    return Manager(run.checkpoint_dir.resolve(), options, saving, resumed_from)
 
 
 def save(mgr: ocp.CheckpointManager, step: int, params: Params, meta: dict, opt_state=None) -> None:

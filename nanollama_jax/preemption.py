@@ -39,7 +39,7 @@ class StopSignals:
         self.step_time: float | None = None  # mean seconds per step, compilation excluded
         self.step_t0 = time.monotonic()
         self.pending_vote = None  # (the device result of the last vote, this process's signal then)
-        self.vote_fn = None
+        self.vote = None  # (the jitted max, the votes' sharding): built at the first vote
 
     def __enter__(self):
         self.previous = {s: signal.signal(s, lambda *_: None) for s in SIGNALS}  # the watcher does the work
@@ -116,13 +116,13 @@ class StopSignals:
     def dispatch_vote(self, signalled: bool) -> jax.Array:
         """The max over processes of (process index + 1 if signalled else 0), as a device scalar
         whose value is not waited for here."""
-        import jax.numpy as jnp
-        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+        if self.vote is None:
+            import jax.numpy as jnp
+            from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-        mesh = Mesh(np.array(jax.devices()), ("processes",))
-        if self.vote_fn is None:
-            self.vote_fn = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, PartitionSpec()))
+            mesh = Mesh(np.array(jax.devices()), ("processes",))
+            self.vote = (jax.jit(jnp.max, out_shardings=NamedSharding(mesh, PartitionSpec())),
+                         NamedSharding(mesh, PartitionSpec("processes")))
+        vote_max, sharding = self.vote
         mine = np.full(jax.local_device_count(), (jax.process_index() + 1) * signalled, np.int32)
-        votes = jax.make_array_from_process_local_data(NamedSharding(mesh, PartitionSpec("processes")), mine,
-                                                       (jax.device_count(),))
-        return self.vote_fn(votes)
+        return vote_max(jax.make_array_from_process_local_data(sharding, mine, (jax.device_count(),)))
