@@ -120,11 +120,31 @@ def document_ids(tokens: jax.Array, bos_id: int) -> jax.Array:
 
 def attend(q, k, v, segment_ids: jax.Array | None, implementation: str) -> jax.Array:
     """Causal attention, GQA handled by jax; with segment_ids [B, T] a token sees only earlier tokens
-    of its own segment. cuDNN turns the mask into a bias and keeps its fused kernel."""
+    of its own segment. cuDNN turns the mask into a bias and keeps its fused kernel. XLA's kernel
+    scores every (query, key) pair, so it runs over query blocks, each against only the keys up to
+    its own end (`causal_blocks`): the same sums, ~40% fewer scores to compute, store and
+    differentiate for the score-bound CPU backward."""
     mask = None
     if segment_ids is not None:
         mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # [B, 1, T, S]
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=implementation)
+    if implementation != "xla":
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=implementation)
+    t = q.shape[1]
+    out = []
+    for lo, hi in causal_blocks(t):
+        causal = (jnp.arange(hi)[None, :] <= jnp.arange(lo, hi)[:, None])[None, None]  # [1, 1, hi - lo, hi]
+        block_mask = causal if mask is None else causal & mask[:, :, lo:hi, :hi]
+        out.append(jax.nn.dot_product_attention(q[:, lo:hi], k[:, :hi], v[:, :hi], mask=block_mask,
+                                                implementation="xla"))
+    return jnp.concatenate(out, axis=1)
+
+
+def causal_blocks(t: int, max_blocks: int = 8, min_block: int = 64) -> list[tuple[int, int]]:
+    """Query blocks [lo, hi) of a causal window of t positions: at most `max_blocks` (each one more
+    set of ops per layer), none shorter than `min_block` (smaller matmuls run below the GEMM rate).
+    n blocks score (n + 1) / 2n of the full square."""
+    size = max(min_block, -(-t // max_blocks))
+    return [(lo, min(lo + size, t)) for lo in range(0, t, size)]
 
 
 class RMSNorm(nn.Module):

@@ -41,6 +41,29 @@ def test_segment_mask_path_equals_causal_path():
     assert np.abs(np.asarray(explicit - causal)).max() <= 1e-5
 
 
+@pytest.mark.parametrize("t", [200, 64, 30])  # 4 blocks with a short last one; one block; shorter than one
+def test_causal_blocks_equal_one_full_kernel_call(t):
+    """The XLA path's query blocks (each against keys up to its own end) = XLA's kernel over the whole
+    square, values and gradients, with GQA and packed documents: only the never-seen keys are skipped.
+    Tolerance: float32 rounding of sums over up to t terms (~1e-6 relative)."""
+    q, k, v = qkv(b=2, t=t)
+    seg = jnp.asarray(np.cumsum(np.random.default_rng(5).random((2, t)) < 0.05, axis=1), jnp.int32)
+    blocks = M.causal_blocks(t)
+    assert blocks[0][0] == 0 and blocks[-1][1] == t and len(blocks) == max(1, -(-t // 64))
+
+    def whole(q, k, v, seg):
+        mask = None if seg is None else (seg[:, :, None] == seg[:, None, :])[:, None]
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation="xla")
+
+    for s in (None, seg):
+        cotangent = jnp.sin(q)
+        got, got_grads = jax.value_and_grad(lambda *a: jnp.sum(M.attend(*a, s, "xla") * cotangent), (0, 1, 2))(q, k, v)
+        want, want_grads = jax.value_and_grad(lambda *a: jnp.sum(whole(*a, s) * cotangent), (0, 1, 2))(q, k, v)
+        assert np.abs(np.asarray(M.attend(q, k, v, s, "xla") - whole(q, k, v, s))).max() <= 1e-5
+        for g, w in zip(got_grads, want_grads):
+            assert np.abs(np.asarray(g - w)).max() <= 1e-4 * max(1.0, float(np.abs(np.asarray(w)).max()))
+
+
 def test_segments_attend_only_within_their_segment():
     q, k, v = qkv(b=1, t=30)
     seg = jnp.asarray([[0] * 10 + [1] * 12 + [2] * 8], jnp.int32)
