@@ -4,8 +4,8 @@ package main
 
 import "os"
 
-// AVX2 + FMA + F16C kernels (simd_amd64.s); the pure-Go versions in
-// quant.go remain the fallback on other CPUs and architectures.
+// AVX2 + FMA + F16C kernels (simd_amd64.s); the pure-Go versions (dot.go,
+// float16.go, qact.go, ...) remain the fallback on other CPUs and architectures.
 
 func cpuid(eaxArg, ecxArg uint32) (eax, ebx, ecx, edx uint32)
 func xgetbv() (eax, edx uint32)
