@@ -249,7 +249,7 @@ func (m *Model) SetTokenizer(tok *Tokenizer) error {
 	return nil
 }
 
-// String describes the model's shape in one line, for logs and --help.
+// String describes the model's shape in one line.
 func (m *Model) String() string {
 	c := m.Cfg
 	return fmt.Sprintf("llama: %d layers, dim %d, %d heads (%d kv, head dim %d), ffn %d, vocab %d, ctx %d",
