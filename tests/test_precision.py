@@ -145,7 +145,7 @@ def test_float16_is_refused_with_one_line():
 def test_accelerator_default_fits_small_in_24_gib():
     """The issue's acceptance check: `small` at bfloat16 (the accelerator dtype, which brings the
     accelerator remat default), 8 rows per device, compiles to at most 24 GiB per device
-    (159 GiB with remat none, 28 GiB with dots: README, memory)."""
+    (104 GiB with remat none, 24 GiB with dots: README, memory)."""
     out = subprocess.run([sys.executable, "-m", "nanollama_jax.train", "--size", "small", "--dtype", "bfloat16",
                           "--batch-size", "8", "--dry-run", "--mesh", "1x1"],
                          capture_output=True, text=True, check=True).stdout
