@@ -19,6 +19,7 @@ import errno
 import json
 import logging
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -213,6 +214,20 @@ class Manager(ocp.CheckpointManager):
                                      "free some space and continue with --resume", str(self.directory))
 
 
+def quiet_closed_loop(hook):
+    """`hook` (sys.unraisablehook), except for asyncio's "Event loop is closed" raised straight from
+    a native thread's call_soon_threadsafe: tensorstore's threads report each write of a save that a
+    full disk stopped to orbax's event loop, closed by then, and print the refusal as a traceback
+    that tells the user nothing the one line does not. Anything else still shows."""
+    def quiet(unraisable):
+        tb = unraisable.exc_traceback
+        if not (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"
+                and tb is not None and tb.tb_frame.f_code.co_name == "call_soon_threadsafe"):
+            hook(unraisable)
+    quiet.quiets_closed_loop = True
+    return quiet
+
+
 def disk_full(e: BaseException) -> bool:
     while e is not None:
         if getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e):
@@ -228,6 +243,8 @@ def manager(run: Run, keep: int = 3, async_save: bool = True, saving: str = "the
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
                                            cleanup_tmp_directories=True)
     resumed_from = Path(resumed_from).resolve() if resumed_from else None
+    if not getattr(sys.unraisablehook, "quiets_closed_loop", False):
+        sys.unraisablehook = quiet_closed_loop(sys.unraisablehook)
     return Manager(run.checkpoint_dir.resolve(), options, saving, resumed_from)
 
 
