@@ -171,6 +171,8 @@ class Manager(ocp.CheckpointManager):
     def __init__(self, directory: Path, options: ocp.CheckpointManagerOptions, saving: str = "the checkpoint",
                  run_dir: Path | None = None):
         super().__init__(directory, options=options)
+        if not getattr(sys.unraisablehook, "quiets_closed_loop", False):
+            sys.unraisablehook = quiet_closed_loop(sys.unraisablehook)
         self.unsealed: list[int] = []
         self.saving = saving  # what a save writes, for the full-disk line
         self.run_dir = Path(run_dir or Path(directory).parent)  # the run that --resume continues
@@ -243,8 +245,6 @@ def manager(run: Run, keep: int = 3, async_save: bool = True, saving: str = "the
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
                                            cleanup_tmp_directories=True)
     resumed_from = Path(resumed_from).resolve() if resumed_from else None
-    if not getattr(sys.unraisablehook, "quiets_closed_loop", False):
-        sys.unraisablehook = quiet_closed_loop(sys.unraisablehook)
     return Manager(run.checkpoint_dir.resolve(), options, saving, resumed_from)
 
 
